@@ -1,0 +1,77 @@
+"""Execute notebooks in place so that the book shows real, current outputs.
+
+    python .ci/execute_nbs.py nbs/02_text.ipynb [more notebooks] [--skip net gpu]
+
+Every code cell runs top to bottom in one kernel, slow cells included (their stored outputs are the
+"real run" the book shows). Cells flagged with a name given to --skip are not run and keep the outputs
+they already have. A failing cell stops the run and nothing is written.
+"""
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from execnb.nbio import read_nb, write_nb
+from execnb.shell import CaptureShell
+
+_directive = re.compile(r'^\s*#\|\s*([\w-]+)')
+
+
+def flags(cell):
+    "The nbdev directives at the top of a code cell, e.g. {'export', 'slow'}."
+    out = set()
+    for line in cell.source.splitlines():
+        m = _directive.match(line)
+        if not m:
+            break
+        out.add(m.group(1))
+    return out
+
+
+def execute(path: Path, skip: set[str]) -> None:
+    nb = read_nb(path)
+    shell = CaptureShell(path)
+    shell.set_path(str(path.parent.resolve()))
+    cwd = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != 'code' or flags(cell) & skip:
+                continue
+            t = time.time()
+            cell.outputs = []
+            shell.cell(cell)
+            if shell.exc:
+                sys.stderr.write(shell.prettytb(fname=path) + '\n')
+                raise SystemExit(f'{path}: cell {i} failed; notebook not written')
+            if time.time() - t > 20:
+                print(f'  cell {i}: {time.time() - t:.0f}s', flush=True)
+    finally:
+        os.chdir(cwd)
+    count = 0
+    for cell in nb.cells:
+        if cell.cell_type == 'code':
+            count += 1
+            cell.execution_count = count
+            for o in cell.get('outputs', []):
+                if 'execution_count' in o:
+                    o['execution_count'] = count
+    write_nb(nb, path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('notebooks', nargs='+', type=Path)
+    ap.add_argument('--skip', nargs='*', default=['net', 'gpu'], help='flags of cells not to run (default: net gpu)')
+    a = ap.parse_args()
+    for p in a.notebooks:
+        t = time.time()
+        print(f'executing {p}', flush=True)
+        execute(p, set(a.skip))
+        print(f'  done in {time.time() - t:.0f}s', flush=True)
+
+
+if __name__ == '__main__':
+    main()
