@@ -58,6 +58,8 @@ def execute(path: Path, skip: set[str]) -> None:
             for o in cell.get('outputs', []):
                 if 'execution_count' in o:
                     o['execution_count'] = count
+    # authoring tools (jupytext) leave their own metadata; a notebook of this book carries only its kernel
+    nb.metadata = {'kernelspec': {'display_name': 'Python 3 (ipykernel)', 'language': 'python', 'name': 'python3'}}
     write_nb(nb, path)
 
 
