@@ -10,6 +10,8 @@ the methods are timed in turn, `--repeats` rounds (so a busy machine slows them 
 median tokens per second and the ratios the issue asks for (targets: the cache >= 5x `generate_text_simple`,
 ours >= 1.1x `transformers`). A second table times one token's matrix-vector products in both weight layouts
 (`relayout_weights`), with the weights read from memory rather than the CPU cache.
+A third table decodes with tiny-but-not-trivial configs of the modern architectures (`ARCHITECTURES`), ours against
+`transformers`' `generate` on the same weights (target: ours >= 1.0x).
 """
 import argparse
 import os
@@ -86,6 +88,126 @@ def layout_table(repeats=15):
         print(f'| {prefix}{d_in} → {d_out} ({what}) | {row[0]:.1f} ms | {row[1]:.1f} ms |')
 
 
+# Modern architectures ------------------------------------------------------------------------------------------
+# Each entry of ARCHITECTURES builds (label, our model, a `transformers` model holding the same weights), float32, eval mode.
+
+def llama_case():
+    "Llama 3.2 in miniature: GQA (8 query heads, 2 key-value heads), RoPE with Llama 3 scaling, SwiGLU, tied embeddings."
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_from_scratch.llama import Llama3Model, llama_config_from_hf, load_weights_into_llama
+    hf_cfg = LlamaConfig(vocab_size=32_000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500_000.0,
+                         rope_scaling={'rope_type': 'llama3', 'factor': 32.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                                       'original_max_position_embeddings': 512}, tie_word_embeddings=True)
+    torch.manual_seed(123)
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    cfg = {**llama_config_from_hf(hf_cfg.to_dict()), 'dtype': torch.float32}
+    ours = Llama3Model(cfg)
+    load_weights_into_llama(ours, cfg, {k: v for k, v in hf.state_dict().items() if k != 'lm_head.weight'})
+    return 'Llama 3.2-style, 8 layers, 512 wide, GQA 8/2, 32k vocabulary', ours.eval(), hf
+
+
+ARCHITECTURES = [llama_case]
+
+
+def _unit_scale(model, seed=0):
+    "Weights of unit-scale activations (matrices ~ 1/sqrt(fan_in), norm weights near their init), so greedy tokens are no near-ties."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return model
+
+
+_SMALL = {'vocab_size': 32_000, 'hidden_size': 512, 'intermediate_size': 1536, 'num_attention_heads': 8, 'num_key_value_heads': 2,
+          'head_dim': 64, 'max_position_embeddings': 2048, 'rms_norm_eps': 1e-6}
+
+
+def qwen3_case():
+    "Qwen3 in miniature: QK-norm, GQA (8 query heads, 2 key-value heads of 128 features: queries wider than the model), tied."
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from llm_from_scratch.qwen3 import Qwen3Model, load_weights_into_qwen, qwen3_config_from_hf
+    hf_cfg = Qwen3Config(**{**_SMALL, 'head_dim': 128}, num_hidden_layers=8, rope_theta=1e6, tie_word_embeddings=True)
+    torch.manual_seed(123)
+    hf = _unit_scale(Qwen3ForCausalLM(hf_cfg)).eval()
+    cfg = {**qwen3_config_from_hf(hf_cfg.to_dict()), 'dtype': torch.float32}
+    ours = Qwen3Model(cfg)
+    load_weights_into_qwen(ours, cfg, {k: v for k, v in hf.state_dict().items() if k != 'lm_head.weight'})
+    return 'Qwen3-style, 8 layers, 512 wide, GQA 8/2, head_dim 128, 32k vocabulary', ours.eval(), hf
+
+
+def qwen3_moe_case():
+    "Qwen3 MoE in miniature: every feed-forward a mixture of 32 experts, 4 per token, softmax over the chosen ones."
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from llm_from_scratch.qwen3 import Qwen3Model, load_weights_into_qwen, qwen3_config_from_hf
+    hf_cfg = Qwen3MoeConfig(**_SMALL, num_hidden_layers=8, rope_theta=1e6, num_experts=32, num_experts_per_tok=4,
+                            moe_intermediate_size=256, norm_topk_prob=True, tie_word_embeddings=False)
+    torch.manual_seed(123)
+    hf = _unit_scale(Qwen3MoeForCausalLM(hf_cfg)).eval()
+    cfg = {**qwen3_config_from_hf(hf_cfg.to_dict()), 'dtype': torch.float32}
+    ours = Qwen3Model(cfg)
+    load_weights_into_qwen(ours, cfg, hf.state_dict())   # transformers 5's fused experts, split by the loader
+    return 'Qwen3 MoE-style, 8 layers, 512 wide, 32 experts (4 active) of 256', ours.eval(), hf
+
+
+def gemma3_case():
+    "Gemma 3 in miniature: 5 sliding-window layers (window 64) per global one, GeGLU, sandwich norms, scaled embeddings."
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from llm_from_scratch.gemma3 import Gemma3Model, gemma3_config_from_hf, load_weights_into_gemma
+    hf_cfg = Gemma3TextConfig(**{**_SMALL, 'num_attention_heads': 4, 'num_key_value_heads': 1, 'head_dim': 128}, num_hidden_layers=12,
+                              sliding_window=64, query_pre_attn_scalar=128,
+                              layer_types=(['sliding_attention'] * 5 + ['full_attention']) * 2)
+    torch.manual_seed(123)
+    hf = _unit_scale(Gemma3ForCausalLM(hf_cfg)).eval()
+    cfg = {**gemma3_config_from_hf(hf_cfg.to_dict()), 'dtype': torch.float32}
+    ours = Gemma3Model(cfg)
+    load_weights_into_gemma(ours, cfg, {k: v for k, v in hf.state_dict().items() if k != 'lm_head.weight'})
+    return 'Gemma 3-style, 12 layers (10 sliding, window 64), 512 wide, GQA 4/1, 32k vocabulary', ours.eval(), hf
+
+
+ARCHITECTURES += [qwen3_case, qwen3_moe_case, gemma3_case]
+
+
+def architecture_table(args):
+    "Decode tokens/s of our `generate` (KV cache) against `transformers`' `generate` on the same weights, per architecture."
+    n = args.new_tokens
+    rows = []
+    for build in ARCHITECTURES:
+        label, ours, hf = build()
+        idx = torch.randint(0, ours.cfg['vocab_size'], (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+        def hf_generate(k, hf=hf, idx=idx):
+            with torch.inference_mode():
+                return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                   use_cache=True, eos_token_id=None, pad_token_id=0)
+        methods = {'ours': lambda k, ours=ours, idx=idx: generate(ours, idx, k), 'transformers': hf_generate}
+        for fn in methods.values():
+            fn(5)
+        times, outputs = {m: [] for m in methods}, {}
+        for _ in range(args.repeats):
+            for m, fn in methods.items():
+                t = time.perf_counter()
+                outputs[m] = fn(n)
+                times[m].append(time.perf_counter() - t)
+        if not torch.equal(outputs['ours'], outputs['transformers']):
+            raise SystemExit(f'{label}: our tokens differ from transformers\'')
+        rate = {m: n / statistics.median(ts) for m, ts in times.items()}
+        rows.append((label, sum(p.numel() for p in ours.parameters()), rate['ours'], rate['transformers']))
+    print(f'\nModern architectures: {n} new tokens from a {args.prompt_tokens}-token prompt, random weights, float32, batch 1, '
+          f'greedy; median of {args.repeats}; our tokens equal transformers\' (target: ours >= 1.0x).\n')
+    print('| model | parameters | ours tokens/s | `transformers` tokens/s | ours / `transformers` |')
+    print('|---|---:|---:|---:|---:|')
+    for label, params, ours_rate, hf_rate in rows:
+        print(f'| {label} | {params / 1e6:.1f}M | {ours_rate:.1f} | {hf_rate:.1f} | {ours_rate / hf_rate:.2f}x |')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--threads', type=int, default=2)
@@ -93,6 +215,8 @@ def main():
     parser.add_argument('--prompt-tokens', type=int, default=10)
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--no-layouts', dest='layouts', action='store_false', help='skip the weight-layout table')
+    parser.add_argument('--no-architectures', dest='architectures', action='store_false',
+                        help='skip the Llama/Qwen3/Gemma 3 table (ours against transformers)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -153,6 +277,8 @@ def main():
     if args.layouts:
         print(f'\nOne token through each group of layers (best of 15, weights read from memory; {torch.get_num_threads()} threads):\n')
         layout_table()
+    if args.architectures:
+        architecture_table(args)
 
 
 if __name__ == '__main__':

@@ -393,3 +393,17 @@ def test_moe_estimator_matches_module():
     assert r["moe_active"] == moe.gate.weight.numel() + 2 * sum(p.numel() for m in (moe.fc1, moe.fc2, moe.fc3) for p in m[0].parameters())
     with pytest.raises(ValueError, match="ffn_type"):
         estimate_params_and_hidden(64, 256, "relu")
+
+
+def test_gqa_without_sdpa_enable_gqa(monkeypatch):
+    "PyTorch < 2.5 has no `enable_gqa`: the key-value heads are repeated instead, with the same result."
+    import llm_from_scratch.layers as layers
+    torch.manual_seed(11)
+    att = GroupedQueryAttention(32, 8, 2, sliding_window=4)
+    x = torch.randn(2, 9, 32)
+    cos, sin = compute_rope_params(4, context_length=9)
+    with torch.no_grad():
+        fused = att(x, None, cos, sin)
+        monkeypatch.setattr(layers, "_SDPA_GQA", False)
+        close(att(x, None, cos, sin), fused)
+        close(fused, naive_attention(att, x, cos, sin, window=4))
