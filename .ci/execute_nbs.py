@@ -4,7 +4,9 @@
 
 Every code cell runs top to bottom in one kernel, slow cells included (their stored outputs are the
 "real run" the book shows). Cells flagged with a name given to --skip are not run and keep the outputs
-they already have. A failing cell stops the run and nothing is written.
+they already have. With --only-slow ID..., the slow cells whose ids are given run and the other slow
+cells keep their outputs (to add one slow cell without repeating a long run; the ids are the notebook's
+cell ids). A failing cell stops the run and nothing is written.
 """
 import argparse
 import os
@@ -30,7 +32,7 @@ def flags(cell):
     return out
 
 
-def execute(path: Path, skip: set[str]) -> None:
+def execute(path: Path, skip: set[str], only_slow: set[str] | None = None) -> None:
     nb = read_nb(path)
     shell = CaptureShell(path)
     shell.set_path(str(path.parent.resolve()))
@@ -39,6 +41,8 @@ def execute(path: Path, skip: set[str]) -> None:
     try:
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != 'code' or flags(cell) & skip:
+                continue
+            if only_slow is not None and 'slow' in flags(cell) and cell.get('id') not in only_slow:
                 continue
             t = time.time()
             cell.outputs = []
@@ -67,11 +71,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('notebooks', nargs='+', type=Path)
     ap.add_argument('--skip', nargs='*', default=['net', 'gpu'], help='flags of cells not to run (default: net gpu)')
+    ap.add_argument('--only-slow', nargs='+', default=None, metavar='ID', help='run only these slow cells (by cell id)')
     a = ap.parse_args()
     for p in a.notebooks:
         t = time.time()
         print(f'executing {p}', flush=True)
-        execute(p, set(a.skip))
+        execute(p, set(a.skip), set(a.only_slow) if a.only_slow else None)
         print(f'  done in {time.time() - t:.0f}s', flush=True)
 
 

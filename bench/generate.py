@@ -1,6 +1,7 @@
 """Generation speed: the book's `generate_text_simple`, our KV-cached `generate`, Hugging Face `transformers`.
 
     python bench/generate.py [--threads 2] [--new-tokens 200] [--prompt-tokens 10] [--repeats 3] [--no-layouts]
+                             [--no-architectures | --architectures-only]
 
 GPT-2 124M (the book's `GPT_CONFIG_124M`, dropout off), random weights, float32, batch 1, greedy decoding, CPU.
 `transformers`' `GPT2LMHeadModel` gets a copy of the same weights (its `Conv1D` layers store the transpose of
@@ -24,6 +25,9 @@ import torch
 
 from llm_from_scratch.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
 from llm_from_scratch.kv_cache import generate, relayout_weights
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+from tiny_models import unit_scale  # noqa: E402  the tests' builder: weights of unit-scale activations, no near-ties
 
 
 def to_transformers(model):
@@ -111,18 +115,6 @@ def llama_case():
 ARCHITECTURES = [llama_case]
 
 
-def _unit_scale(model, seed=0):
-    "Weights of unit-scale activations (matrices ~ 1/sqrt(fan_in), norm weights near their init), so greedy tokens are no near-ties."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    return model
-
-
 _SMALL = {'vocab_size': 32_000, 'hidden_size': 512, 'intermediate_size': 1536, 'num_attention_heads': 8, 'num_key_value_heads': 2,
           'head_dim': 64, 'max_position_embeddings': 2048, 'rms_norm_eps': 1e-6}
 
@@ -134,7 +126,7 @@ def qwen3_case():
     from llm_from_scratch.qwen3 import Qwen3Model, load_weights_into_qwen, qwen3_config_from_hf
     hf_cfg = Qwen3Config(**{**_SMALL, 'head_dim': 128}, num_hidden_layers=8, rope_theta=1e6, tie_word_embeddings=True)
     torch.manual_seed(123)
-    hf = _unit_scale(Qwen3ForCausalLM(hf_cfg)).eval()
+    hf = unit_scale(Qwen3ForCausalLM(hf_cfg)).eval()
     cfg = {**qwen3_config_from_hf(hf_cfg.to_dict()), 'dtype': torch.float32}
     ours = Qwen3Model(cfg)
     load_weights_into_qwen(ours, cfg, {k: v for k, v in hf.state_dict().items() if k != 'lm_head.weight'})
@@ -149,7 +141,7 @@ def qwen3_moe_case():
     hf_cfg = Qwen3MoeConfig(**_SMALL, num_hidden_layers=8, rope_theta=1e6, num_experts=32, num_experts_per_tok=4,
                             moe_intermediate_size=256, norm_topk_prob=True, tie_word_embeddings=False)
     torch.manual_seed(123)
-    hf = _unit_scale(Qwen3MoeForCausalLM(hf_cfg)).eval()
+    hf = unit_scale(Qwen3MoeForCausalLM(hf_cfg)).eval()
     cfg = {**qwen3_config_from_hf(hf_cfg.to_dict()), 'dtype': torch.float32}
     ours = Qwen3Model(cfg)
     load_weights_into_qwen(ours, cfg, hf.state_dict())   # transformers 5's fused experts, split by the loader
@@ -165,7 +157,7 @@ def gemma3_case():
                               sliding_window=64, query_pre_attn_scalar=128,
                               layer_types=(['sliding_attention'] * 5 + ['full_attention']) * 2)
     torch.manual_seed(123)
-    hf = _unit_scale(Gemma3ForCausalLM(hf_cfg)).eval()
+    hf = unit_scale(Gemma3ForCausalLM(hf_cfg)).eval()
     cfg = {**gemma3_config_from_hf(hf_cfg.to_dict()), 'dtype': torch.float32}
     ours = Gemma3Model(cfg)
     load_weights_into_gemma(ours, cfg, {k: v for k, v in hf.state_dict().items() if k != 'lm_head.weight'})
@@ -217,8 +209,13 @@ def main():
     parser.add_argument('--no-layouts', dest='layouts', action='store_false', help='skip the weight-layout table')
     parser.add_argument('--no-architectures', dest='architectures', action='store_false',
                         help='skip the Llama/Qwen3/Gemma 3 table (ours against transformers)')
+    parser.add_argument('--architectures-only', action='store_true', help='only the Llama/Qwen3/Gemma 3 table')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.architectures_only:
+        print(f'{torch.get_num_threads()} threads, {os.cpu_count()} cores ({cpu_name()}); torch {torch.__version__}')
+        architecture_table(args)
+        return
     import transformers
 
     cfg = {**GPT_CONFIG_124M, 'drop_rate': 0.0}

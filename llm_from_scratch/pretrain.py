@@ -16,8 +16,8 @@ from .kv_cache import generate
 
 # %% auto #0
 __all__ = ['text_to_token_ids', 'token_ids_to_text', 'calc_loss_batch', 'calc_loss_loader', 'evaluate_model',
-           'generate_and_print_sample', 'train_model_simple', 'plot_losses', 'calc_lr', 'find_highest_gradient',
-           'train_model', 'generate']
+           'generate_and_print_sample', 'check_loop_settings', 'train_model_simple', 'plot_losses', 'calc_lr',
+           'find_highest_gradient', 'train_model', 'generate']
 
 # %% ../nbs/05_pretrain.ipynb #b2e5446b
 def text_to_token_ids(
@@ -120,6 +120,20 @@ def generate_and_print_sample(
     model.train()
 
 # %% ../nbs/05_pretrain.ipynb #d196a79c
+def check_loop_settings(
+    num_epochs: int,        # passes over the training data
+    eval_freq: int,         # evaluate every `eval_freq` steps
+    train_loader,           # the training batches
+    epochs_name: str = 'num_epochs',  # the loop's name for `num_epochs`, for the message
+) -> None:
+    "Refuse a training loop's settings that would fail later or silently train nothing."
+    if not isinstance(num_epochs, int) or num_epochs < 0:
+        raise ValueError(f'{epochs_name} must be a non-negative integer, got {num_epochs!r}')
+    if not isinstance(eval_freq, int) or eval_freq < 1:
+        raise ValueError(f'eval_freq must be a positive integer, got {eval_freq!r}')
+    if len(train_loader) == 0:
+        raise ValueError('The training loader has no batches: there is nothing to train on')
+
 def train_model_simple(
     model: nn.Module,
     train_loader,
@@ -133,12 +147,7 @@ def train_model_simple(
     tokenizer,
 ) -> tuple[list[float], list[float], list[int]]:  # train losses, val losses, tokens seen at each evaluation
     "The book's pretraining loop: AdamW steps over `train_loader`, with periodic evaluation and a sample per epoch."
-    if not isinstance(num_epochs, int) or num_epochs < 0:
-        raise ValueError(f'num_epochs must be a non-negative integer, got {num_epochs!r}')
-    if not isinstance(eval_freq, int) or eval_freq < 1:
-        raise ValueError(f'eval_freq must be a positive integer, got {eval_freq!r}')
-    if len(train_loader) == 0:
-        raise ValueError('The training loader has no batches: there is nothing to train on')
+    check_loop_settings(num_epochs, eval_freq, train_loader)
     train_losses, val_losses, track_tokens_seen = [], [], []
     tokens_seen, global_step = 0, -1
 
@@ -242,12 +251,7 @@ def train_model(
     orig_book_version: bool = False,   # True: clip from step warmup_steps + 1, as the printed book
 ) -> tuple[list[float], list[float], list[int], list[float]]:  # train losses, val losses, tokens seen, lr per step
     "`train_model_simple` with linear warmup, cosine decay and gradient clipping (appendix D)."
-    if not isinstance(n_epochs, int) or n_epochs < 0:
-        raise ValueError(f'n_epochs must be a non-negative integer, got {n_epochs!r}')
-    if not isinstance(eval_freq, int) or eval_freq < 1:
-        raise ValueError(f'eval_freq must be a positive integer, got {eval_freq!r}')
-    if len(train_loader) == 0:
-        raise ValueError('The training loader has no batches: there is nothing to train on')
+    check_loop_settings(n_epochs, eval_freq, train_loader, 'n_epochs')
     train_losses, val_losses, track_tokens_seen, track_lrs = [], [], [], []
     tokens_seen, global_step = 0, -1
 

@@ -1,8 +1,9 @@
 "Chapter 6 against independent references: the book's own code, per-example forward passes, PyTorch's cross-entropy; bad inputs."
+import argparse
 import io
 import json
 import zipfile
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +18,7 @@ from llm_from_scratch.classify import (
     SPAM_LABELS,
     SpamDataset,
     add_classification_head,
+    add_cli_parser,
     calc_accuracy_loader,
     calc_classification_loss_batch,
     calc_classification_loss_loader,
@@ -400,3 +402,90 @@ def test_load_shakespeare_gpt_trains_once_then_loads(tmp_path):
     state = load_checkpoint(tmp_path/'run')['state']
     assert state['step'] == 2 and len(state['history']['loss']) == 2
     assert (tmp_path/'home'/'tokens'/'tinyshakespeare.bin').is_file()  # tokenized once, into the data home
+
+
+# --- the command line -------------------------------------------------------------------------------------
+def run_cli(argv):
+    "`llm-from-scratch ARGV` through the CLI's entry point: (status, stdout, stderr)."
+    from llm_from_scratch.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def cli_parser():
+    "A parser with only this module's subcommands, built as the CLI builds its own."
+    p = argparse.ArgumentParser(prog='llm-from-scratch')
+    add_cli_parser(p.add_subparsers(dest='command'))
+    return p
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    "A tiny trainer checkpoint to fine-tune and a small ham/spam file."
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path/'base', GPTModel(TINY), {'step': 0}, {'model': TINY})
+    lines = [f'spam\tWIN a FREE prize {i}, txt CLAIM to 8{i}0' for i in range(15)]
+    lines += [f'ham\tsee you at {i} for dinner?' for i in range(15)]
+    (tmp_path/'data.tsv').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    return tmp_path/'base', tmp_path/'data.tsv'
+
+
+def test_cli_finetune_classifier_then_classify(tiny_run, tmp_path):
+    base, tsv = tiny_run
+    code, out, err = run_cli(['finetune-classifier', '--data', tsv, '--base', base, '--epochs', 1, '--lr', 1e-3,
+                              '--batch-size', 4, '--out', tmp_path/'clf', '--device', 'cpu'])
+    assert code == 0, err
+    assert 'Test accuracy' in out and 'llm-from-scratch classify' in out
+    model, tok, meta = load_classifier(tmp_path/'clf', device='cpu')
+    info = meta['info']
+    assert (info['epochs'], info['lr'], info['data'], info['trainable_blocks']) == (1, 1e-3, str(tsv), 1)  # the book's block
+    assert meta['max_length'] <= TINY['context_length']
+    text = 'WIN a FREE prize now'
+    code, out, err = run_cli(['classify', tmp_path/'clf', text])
+    assert code == 0, err
+    label, prob = out.split()
+    ref_label, ref_prob = classify_text(model, text, tok, meta)
+    assert label == ref_label and label in SPAM_LABELS and float(prob) == pytest.approx(ref_prob, abs=1e-3)
+    assert 0.5 <= float(prob) <= 1
+
+
+def test_cli_finetune_classifier_with_lora_through_the_parser(tiny_run, tmp_path):
+    base, tsv = tiny_run
+    args = cli_parser().parse_args(['finetune-classifier', '--data', str(tsv), '--base', str(base), '--epochs', '1',
+                                    '--batch-size', '4', '--lora-rank', '2', '--lora-alpha', '4', '--last-token', 'book',
+                                    '--out', str(tmp_path/'lora'), '--device', 'cpu', '--quiet'])
+    with redirect_stdout(io.StringIO()) as out:
+        assert args.func(args) == 0
+    saved = Path(out.getvalue().strip())
+    assert saved.parent == tmp_path/'lora'
+    model, tok, meta = load_classifier(saved, device='cpu')  # merged: a plain GPTModel
+    assert type(model.trf_blocks[0].att.W_query) is nn.Linear
+    assert (meta['info']['lora_rank'], meta['info']['lora_alpha'], meta['last_token']) == (2, 4.0, 'book')
+    assert (meta['info']['lr'], meta['info']['epochs']) == (5e-5, 1)  # appendix E's learning rate for a checkpoint base
+    args = cli_parser().parse_args(['finetune-classifier', '--trainable-blocks', 'all'])
+    assert args.trainable_blocks == 'all' and args.base == 'shakespeare' and args.data == 'sms'
+    with redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        cli_parser().parse_args(['finetune-classifier', '--trainable-blocks', 'some'])
+
+
+def test_cli_reports_bad_input_in_one_line(tiny_run, tmp_path):
+    base, tsv = tiny_run
+    bad = tmp_path/'bad.tsv'
+    bad.write_text('ham\thello\nspma\tWIN\nham\tok\nSPAM\tfree\n', encoding='utf-8')
+    code, out, err = run_cli(['finetune-classifier', '--data', bad, '--base', base, '--device', 'cpu'])
+    assert code == 2 and err.count('\n') == 1
+    assert "label 'spma'" in err and 'line 2' in err and 'line 4' in err
+    code, _, err = run_cli(['classify', tmp_path/'missing', 'hello'])
+    assert code == 2 and err.count('\n') == 1 and 'no such checkpoint' in err
+    code, _, err = run_cli(['classify', base, 'hello'])  # a language model, not a classifier
+    assert code == 2 and 'not a classifier' in err
+    path = save_classifier(tiny_classifier(), tmp_path/'clf')
+    code, _, err = run_cli(['classify', path, '  '])
+    assert code == 2 and 'empty' in err
+    for argv, message in [(['--data', tmp_path/'nothing.tsv'], "neither 'sms' nor a file"), (['--epochs', 0], '--epochs'),
+                          (['--lr', -1], '--lr'), (['--lora-rank', 0], '--lora-rank'),
+                          (['--base', tmp_path/'missing-run'], 'neither a GPT-2 model name')]:
+        code, _, err = run_cli(['finetune-classifier', '--data', tsv, '--base', base, '--device', 'cpu', *argv])
+        assert code == 2 and message in err and err.count('\n') == 1, (argv, err)

@@ -53,7 +53,10 @@ WORKER = textwrap.dedent('''
         data = Recording(T.TokenWindows(np.load(f'{out}/tokens.npy'), 16))
         cfg = T.TrainConfig(**train_cfg, fsdp=mode == 'fsdp')
         torch.manual_seed(123)
-        T.Trainer(GPTModel(model_cfg), data, None, cfg, run_dir=f'{out}/run-{mode}', tokenizer=CharTokenizer()).fit(steps=2)
+        first = T.Trainer(GPTModel(model_cfg), data, None, cfg, run_dir=f'{out}/run-{mode}', tokenizer=CharTokenizer())
+        with open(f'{out}/wrapper-{mode}-rank{rank}.txt', 'w') as f:
+            f.write(f'{first.fsdp} {type(first.model).__name__}')
+        first.fit(steps=2)
         torch.manual_seed(999)
         T.Trainer(GPTModel(model_cfg), data, None, cfg, run_dir=f'{out}/run-{mode}', tokenizer=CharTokenizer()).fit(
             resume=f'{out}/run-{mode}')
@@ -137,6 +140,14 @@ def test_ranks_read_disjoint_shards_of_the_global_batches(torchrun, single_proce
     assert len(seen[0]) == len(seen[1]) == 4 * 2                 # 4 steps of 2 windows each
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(single_process[2])  # together: the single process's windows
+
+
+def test_fsdp_really_shards(torchrun):
+    "The FSDP run is sharded (no silent fall-back to DDP); the DDP run is wrapped by DistributedDataParallel."
+    out, _ = torchrun
+    for rank in range(2):
+        assert (out/f'wrapper-fsdp-rank{rank}.txt').read_text().split()[0] == 'True'
+        assert (out/f'wrapper-ddp-rank{rank}.txt').read_text() == 'False DistributedDataParallel'
 
 
 def test_only_rank_0_writes_checkpoints_and_logs(torchrun):

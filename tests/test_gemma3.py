@@ -14,23 +14,13 @@ from llm_from_scratch.kv_cache import generate
 from llm_from_scratch.layers import RMSNorm
 from llm_from_scratch.weights import init_empty_weights
 
+from tiny_models import gemma3_tokenizer_file, unit_scale
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 VOCAB = 97
 TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
-
-
-def _perturb(model, seed=0):
-    "Weights large enough that greedy choices are not near-ties: matrices ~ 1/sqrt(fan_in), norm weights (offsets) +- 0.1."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    return model
 
 
 def _hf_config(linear: bool = False, window: int = 4, **kw):
@@ -45,7 +35,7 @@ def _hf_config(linear: bool = False, window: int = 4, **kw):
 
 def _hf_gemma3(seed=0, **kw):
     torch.manual_seed(seed)
-    return _perturb(transformers.Gemma3ForCausalLM(_hf_config(**kw)), seed).eval()
+    return unit_scale(transformers.Gemma3ForCausalLM(_hf_config(**kw)), seed).eval()
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["default-rope", "linear-rope"])
@@ -124,7 +114,7 @@ def test_multimodal_checkpoint(tmp_path):
     cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=VOCAB - 1,
                                     boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, attn_implementation="eager")
     torch.manual_seed(4)
-    hf = _perturb(transformers.Gemma3ForConditionalGeneration(cfg), 4).eval()
+    hf = unit_scale(transformers.Gemma3ForConditionalGeneration(cfg), 4).eval()
     hf.save_pretrained(tmp_path)
     keys = load_file(tmp_path / "model.safetensors").keys()
     assert any("vision" in k for k in keys) and any("language_model" in k for k in keys)
@@ -257,23 +247,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def tok_file(tmp_path_factory):
     "A small SentencePiece-style BPE with byte fallback, Gemma's special tokens and its <bos> template."
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    base = Tokenizer(models.BPE(unk_token="<unk>"))
-    base.normalizer = normalizers.Replace(" ", "▁")
-    base.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    base.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=200, special_tokens=specials, show_progress=False))
-    learned = json.loads(base.to_str())["model"]
-    vocab = learned["vocab"] | {f"<0x{b:02X}>": len(learned["vocab"]) + b for b in range(256)}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
-    tok.normalizer, tok.pre_tokenizer = base.normalizer, base.pre_tokenizer
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + ["<start_of_turn>", "<end_of_turn>"]])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
-    path = tmp_path_factory.mktemp("gemmatok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return gemma3_tokenizer_file(tmp_path_factory.mktemp("gemmatok") / "tokenizer.json", TEXT)
 
 
 @pytest.fixture(scope="module")

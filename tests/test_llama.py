@@ -16,6 +16,8 @@ from llm_from_scratch.llama import (
 )
 from llm_from_scratch.weights import init_empty_weights
 
+from tiny_models import llama3_tokenizer_file
+
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
@@ -240,10 +242,7 @@ LLAMA3_CHAT_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's tokenizer_config.json
 @pytest.fixture(scope="module")
 def tok_files(tmp_path_factory):
     "A tiktoken-format file of GPT-2's first 3000 ranks, our tokenizer on it, and Hugging Face's tokenizer of the same file."
-    gpt2 = tiktoken.get_encoding("gpt2")
-    d = tmp_path_factory.mktemp("tok")
-    path = d/"tokenizer.model"
-    path.write_text("".join(f"{base64.b64encode(gpt2.decode_single_token_bytes(i)).decode()} {i}\n" for i in range(3000)))
+    path = llama3_tokenizer_file(tmp_path_factory.mktemp("tok")/"tokenizer.model", 3000)
     from transformers.convert_slow_tokenizer import TikTokenConverter
     backend = TikTokenConverter(vocab_file=str(path), pattern=LLAMA3_PATTERN, extra_special_tokens=LLAMA3_SPECIAL_TOKENS).converted()
     hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",

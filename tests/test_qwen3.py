@@ -14,6 +14,8 @@ from llm_from_scratch.qwen3 import (QWEN_CONFIG_06_B, QWEN3_CONFIG_30B_A3B, Qwen
                                     qwen3_config_from_hf)
 from llm_from_scratch.weights import init_empty_weights
 
+from tiny_models import qwen3_tokenizer_file, unit_scale
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -21,18 +23,6 @@ VOCAB = 97
 HF_KW = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 48, "rope_theta": 1e6, "rms_norm_eps": 1e-6}
 MOE_KW = {"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 24, "norm_topk_prob": True}
-
-
-def _perturb(model, seed=0):
-    "Weights large enough that greedy choices are not near-ties: matrices ~ 1/sqrt(fan_in), norm weights 1 +- 0.1."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    return model
 
 
 def _hf_qwen3(moe: bool, tie: bool, seed: int = 0):
@@ -43,7 +33,7 @@ def _hf_qwen3(moe: bool, tie: bool, seed: int = 0):
     else:
         cfg = transformers.Qwen3Config(**HF_KW, tie_word_embeddings=tie, attn_implementation="eager")
         model = transformers.Qwen3ForCausalLM(cfg)
-    return _perturb(model, seed).eval()
+    return unit_scale(model, seed).eval()
 
 
 @pytest.fixture(scope="module", params=[(False, True), (False, False), (True, False)], ids=["dense-tied", "dense", "moe"])
@@ -168,7 +158,6 @@ def test_config_checks():
 
 # ---- tokenizer and chat template ----
 
-QWEN3_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 TEXT = ["Hello world! How are you doing today? I think, therefore I am.", "The quick brown fox jumps over the lazy dog 12345.",
         "Qwen3 thinks before it answers: <think> and </think> mark its reasoning."] * 10
 
@@ -279,19 +268,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def tok_file(tmp_path_factory):
     "A small byte-level BPE in Qwen3's format with Qwen3's special tokens (at ids after the tiny vocabulary)."
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN3_PRETOKENIZE), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=350, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                      show_progress=False))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ["<think>", "</think>"]])
-    path = tmp_path_factory.mktemp("qwen3tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return qwen3_tokenizer_file(tmp_path_factory.mktemp("qwen3tok") / "tokenizer.json", TEXT)
 
 
 @pytest.fixture(scope="module")
