@@ -505,8 +505,9 @@ def setup_distributed(
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 def cleanup_distributed() -> None:
-    "Leave the process group, if this process joined one."
+    "Leave the process group, if this process joined one, once every rank has arrived here."
     if dist.is_initialized():
+        dist.barrier()  # a rank that tears down its connections while another still uses them aborts the other (Gloo)
         dist.destroy_process_group()
 
 # %% ../nbs/05c_training_at_scale.ipynb #9a097e7c
