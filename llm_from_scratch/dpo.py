@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .classify import load_base_model
 from .core import data_home, download
-from .instruct import format_input, split_instruction_data
+from .instruct import add_finetune_options, check_finetune_options, format_input, split_instruction_data
 from .pretrain import check_loop_settings, generate_and_print_sample
 from .trainer import save_checkpoint
 
@@ -395,12 +395,7 @@ def cmd_finetune_dpo(args: argparse.Namespace) -> int:
     "Run `finetune_dpo` with the command line's settings."
     from llm_from_scratch.cli import CLIError  # imported here: the CLI imports this module
     from llm_from_scratch.trainer import CheckpointError
-    for name, value, ok in (('--beta', args.beta, args.beta > 0), ('--epochs', args.epochs, args.epochs >= 1),
-                            ('--lr', args.lr, args.lr > 0), ('--batch-size', args.batch_size, args.batch_size >= 1)):
-        if not ok:
-            raise CLIError(f'{name} must be positive, not {value}')
-    if args.data is not None and not Path(args.data).is_file():
-        raise CLIError(f'{args.data}: no such preference data file')
+    check_finetune_options(args, 'preference data', beta=args.beta)
     try:
         finetune_dpo(args.base, args.data, beta=args.beta, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                      out_dir=args.out, device=args.device, seed=args.seed, allowed_max_length=args.max_length, quiet=args.quiet)
@@ -416,12 +411,5 @@ def add_cli_parser(sub) -> None:
     p.add_argument('--data', help="a JSON file of entries with instruction, input, chosen and rejected "
                    "(default: the book's instruction-data-with-preference.json)")
     p.add_argument('--beta', type=float, default=0.1, help='the DPO temperature (default 0.1)')
-    p.add_argument('--epochs', type=int, default=1, help='passes over the training pairs (default 1)')
-    p.add_argument('--lr', type=float, default=5e-6, help="AdamW's learning rate (default 5e-6)")
-    p.add_argument('--batch-size', type=int, default=8, help='pairs per batch (default 8)')
-    p.add_argument('--max-length', type=int, default=None, help="cut pairs to this many tokens (default: the model's context)")
-    p.add_argument('--out', help="the output folder (default: the cache's checkpoints/<base>-dpo)")
-    p.add_argument('--device', help='cpu, cuda, cuda:N or mps (default: the best available)')
-    p.add_argument('--seed', type=int, default=123, help='seed for the data order (default 123)')
-    p.add_argument('--quiet', action='store_true', help='no training log')
+    add_finetune_options(p, epochs=1, lr=5e-6, items='pairs', suffix='dpo')
     p.set_defaults(func=cmd_finetune_dpo)

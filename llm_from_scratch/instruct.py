@@ -39,7 +39,7 @@ __all__ = ['INSTRUCTION_DATA_URL', 'OLLAMA_CHAT_URL', 'download_and_load_file', 
            'split_instruction_data', 'InstructionDataset', 'custom_collate_draft_1', 'custom_collate_draft_2',
            'custom_collate_fn', 'generate_response', 'check_if_running', 'query_model', 'parse_score',
            'generate_model_scores', 'response_loss', 'normalize_answer', 'exact_match', 'finetune_instruct',
-           'cmd_finetune_instruct', 'add_cli_parser']
+           'add_finetune_options', 'check_finetune_options', 'cmd_finetune_instruct', 'add_cli_parser']
 
 # %% ../nbs/07_instruct.ipynb #088e8a24
 INSTRUCTION_DATA_URL = REGISTRY['instruction-data'].urls[0]  # the book's URL
@@ -467,16 +467,44 @@ def finetune_instruct(
         print(f"Saved {path} after {steps} steps in {sft['minutes']:.2f} minutes")
     return path
 
+def add_finetune_options(
+    p: argparse.ArgumentParser,  # a fine-tuning subcommand's parser
+    epochs: int,                 # the default number of epochs
+    lr: float,                   # the default learning rate
+    items: str,                  # what the data holds, for the help ('entries', 'pairs')
+    suffix: str,                 # the default output folder is checkpoints/<base>-<suffix>
+) -> None:
+    "The options every fine-tuning subcommand shares: epochs, learning rate, batch, length, output, device, seed."
+    p.add_argument('--epochs', type=int, default=epochs, help=f'passes over the training {items} (default {epochs})')
+    p.add_argument('--lr', type=float, default=lr, help=f"AdamW's learning rate (default {lr:g})")
+    p.add_argument('--batch-size', type=int, default=8, help=f'{items} per batch (default 8)')
+    p.add_argument('--max-length', type=int, default=None, help=f"cut {items} to this many tokens (default: the model's context)")
+    p.add_argument('--out', help=f"the output folder (default: the cache's checkpoints/<base>-{suffix})")
+    p.add_argument('--device', help='cpu, cuda, cuda:N or mps (default: the best available)')
+    p.add_argument('--seed', type=int, default=123, help='seed for the data order (default 123)')
+    p.add_argument('--quiet', action='store_true', help='no training log')
+
+def check_finetune_options(
+    args: argparse.Namespace,  # parsed by a parser with `add_finetune_options` and a --data option
+    data_what: str,            # the data's name for the message, e.g. 'instruction data'
+    **positive,                # more options that must be positive, by name (e.g. beta=args.beta)
+) -> None:
+    "Refuse non-positive settings and a missing data file, each as a one-line `CLIError`."
+    from llm_from_scratch.cli import CLIError  # imported here: the CLI imports this module
+    checks = [('--epochs', args.epochs, args.epochs >= 1), ('--lr', args.lr, args.lr > 0),
+              ('--batch-size', args.batch_size, args.batch_size >= 1)]
+    checks += [(f'--{name}', value, value > 0) for name, value in positive.items()]
+    for name, value, ok in checks:
+        if not ok:
+            raise CLIError(f'{name} must be positive, not {value}')
+    if args.data is not None and not Path(args.data).is_file():
+        raise CLIError(f'{args.data}: no such {data_what} file')
+
 def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     "Run `finetune_instruct` with the command line's settings."
     from llm_from_scratch.cli import CLIError  # imported here: the CLI imports this module
     from llm_from_scratch.trainer import CheckpointError
-    for name, value, ok in (('--epochs', args.epochs, args.epochs >= 1), ('--lr', args.lr, args.lr > 0),
-                            ('--batch-size', args.batch_size, args.batch_size >= 1)):
-        if not ok:
-            raise CLIError(f'{name} must be positive, not {value}')
-    if args.data is not None and not Path(args.data).is_file():
-        raise CLIError(f'{args.data}: no such instruction data file')
+    check_finetune_options(args, 'instruction data')
     try:
         finetune_instruct(args.base, args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, out_dir=args.out,
                           device=args.device, seed=args.seed, allowed_max_length=args.max_length,
@@ -492,13 +520,6 @@ def add_cli_parser(sub) -> None:
     p.add_argument('base', help='the base model: a checkpoint or run folder, or a GPT-2 name such as gpt2-355m')
     p.add_argument('--data', help="a JSON file of entries with instruction, input and output "
                    "(default: the book's instruction-data.json)")
-    p.add_argument('--epochs', type=int, default=2, help='passes over the training entries (default 2)')
-    p.add_argument('--lr', type=float, default=5e-5, help="AdamW's learning rate (default 5e-5)")
-    p.add_argument('--batch-size', type=int, default=8, help='entries per batch (default 8)')
-    p.add_argument('--max-length', type=int, default=None, help="cut examples to this many tokens (default: the model's context)")
     p.add_argument('--mask-instruction', action='store_true', help='leave the prompts out of the loss (exercise 7.2)')
-    p.add_argument('--out', help="the output folder (default: the cache's checkpoints/<base>-sft)")
-    p.add_argument('--device', help='cpu, cuda, cuda:N or mps (default: the best available)')
-    p.add_argument('--seed', type=int, default=123, help='seed for the data order (default 123)')
-    p.add_argument('--quiet', action='store_true', help='no training log')
+    add_finetune_options(p, epochs=2, lr=5e-5, items='entries', suffix='sft')
     p.set_defaults(func=cmd_finetune_instruct)
