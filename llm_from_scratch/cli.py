@@ -21,7 +21,7 @@ import torch
 from .core import data_home, get_device, print_environment_report
 from .gemma3 import PRETRAINED_GEMMA3, load_gemma3_tokenizer, load_pretrained_gemma3
 from .gpt import GPTModel
-from .kv_cache import generate_stream
+from .kv_cache import generate_stream, relayout_weights
 from .llama import PRETRAINED_LLAMA, ChatFormat, load_llama3_tokenizer, load_pretrained_llama
 from .qwen3 import PRETRAINED_QWEN3, load_pretrained_qwen3, load_qwen3_tokenizer
 from llm_from_scratch.trainer import (
@@ -321,12 +321,15 @@ def load_model_for_cli(
         ckpt = find_checkpoint(getattr(args, 'checkpoint', None))
         model = use_fused_kernels(model_from_checkpoint(ckpt, device))
         model = model.to(dtype) if dtype is not None else model
-        return model.eval(), tiktoken_codec(checkpoint_config(ckpt).get('tokenizer') or 'gpt2')
-    if args.model not in MODEL_LOADERS:
-        raise CLIError(f'unknown model {args.model!r}; known models: {", ".join(MODEL_LOADERS)} (or pass a checkpoint folder)')
-    if weights is not None and not weights.exists():
-        raise CLIError(f'--weights {weights}: no such file or folder')
-    model, codec = MODEL_LOADERS[args.model](weights, device, dtype)
+        codec = tiktoken_codec(checkpoint_config(ckpt).get('tokenizer') or 'gpt2')
+    else:
+        if args.model not in MODEL_LOADERS:
+            raise CLIError(f'unknown model {args.model!r}; known models: {", ".join(MODEL_LOADERS)} (or pass a checkpoint folder)')
+        if weights is not None and not weights.exists():
+            raise CLIError(f'--weights {weights}: no such file or folder')
+        model, codec = MODEL_LOADERS[args.model](weights, device, dtype)
+    if device.type == 'cpu':
+        relayout_weights(model)  # the faster weight layout for generating on a CPU (the KV-cache page measures it)
     return model.eval(), codec
 
 # %% ../nbs/90_cli.ipynb #69f6083d
