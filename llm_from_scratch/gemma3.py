@@ -5,17 +5,15 @@
 # %% ../nbs/11_gemma3.ipynb #66f3aa3b
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .core import DownloadError, download, get_device, register
+from .core import download, register
 from .layers import GatedFeedForward, GroupedQueryAttention, RMSNorm, causal_mask, compute_rope_params
-from .llama import _safetensors_files, _state_dict_tensors
-from .weights import LazyTensor, Source, init_empty_weights, load_tensors_into_gpt, open_safetensors
+from .llama import GATED_HINT, _state_dict_tensors, hf_folder, load_hf_folder
+from .weights import LazyTensor, Source, load_tensors_into_gpt
 
 # %% auto #0
 __all__ = ['LAYER_TYPES', 'GEMMA3_CONFIG_270M', 'GEMMA3_CONFIG_1B', 'GEMMA3_CONFIG_4B', 'GEMMA3_CONFIG_12B', 'GEMMA3_CONFIG_27B',
@@ -403,17 +401,7 @@ def gemma3_config_from_hf(
 
 def _gemma3_folder(name_or_path: str | Path) -> Path:
     "A local folder of Hugging Face files: the path itself, or the registered files of a named model, downloaded."
-    if isinstance(name_or_path, str) and name_or_path in PRETRAINED_GEMMA3:
-        repo, files = PRETRAINED_GEMMA3[name_or_path]
-        try:
-            return [download(f"{name_or_path}/{f}") for f in files][0].parent
-        except DownloadError as e:
-            raise DownloadError(f"{e}\nGoogle's Gemma repositories are gated: accept the license at https://huggingface.co/{repo}, "
-                                f"download them with `huggingface-cli download {repo} --local-dir DIR` and pass DIR.") from e
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"{str(name_or_path)!r} is neither a model name ({', '.join(PRETRAINED_GEMMA3)}) nor a folder")
-    return path
+    return hf_folder(name_or_path, PRETRAINED_GEMMA3, GATED_HINT.format(company="Google", family="Gemma"))
 
 def load_pretrained_gemma3(
     name_or_path: str | Path,          # 'gemma3-270m', 'gemma3-1b', or a folder with config.json and safetensors weights
@@ -421,21 +409,7 @@ def load_pretrained_gemma3(
     dtype: torch.dtype | None = None,  # None: the checkpoint's (bfloat16 for Google's)
 ) -> tuple[Gemma3Model, dict]:         # the model in eval mode, and its config
     "A `Gemma3Model` with weights from a Hugging Face folder (text or multimodal) or a registered name, tensor by tensor."
-    device = get_device(device)
-    folder = _gemma3_folder(name_or_path)
-    if not (folder/"config.json").is_file():
-        raise ValueError(f"{folder} has no config.json")
-    cfg = gemma3_config_from_hf(json.loads((folder/"config.json").read_text(encoding="utf-8")))
-    if dtype is not None:
-        cfg["dtype"] = dtype
-    with init_empty_weights():
-        model = Gemma3Model(cfg)
-    with contextlib.ExitStack() as stack:
-        tensors = {}
-        for f in _safetensors_files(folder):
-            tensors |= stack.enter_context(open_safetensors(f))
-        load_gemma3_tensors(model, tensors, str(folder), device)
-    return model.to(device).eval(), cfg
+    return load_hf_folder(_gemma3_folder(name_or_path), gemma3_config_from_hf, Gemma3Model, load_gemma3_tensors, device, dtype)
 
 def load_gemma3_tokenizer(
     name_or_path: str | Path,  # 'gemma3-270m', ..., a folder with tokenizer.json, or the file

@@ -21,9 +21,9 @@ from .weights import LazyTensor, Source, init_empty_weights, load_tensors_into_g
 # %% auto #0
 __all__ = ['LLAMA2_CONFIG_7B', 'LLAMA_CONFIG_KEYS', 'LLAMA3_CONFIG_8B', 'LLAMA31_CONFIG_8B', 'LLAMA32_CONFIG_1B',
            'LLAMA32_CONFIG_3B', 'LLAMA_CONFIGS', 'LLAMA3_PATTERN', 'LLAMA3_SPECIAL_TOKENS', 'PRETRAINED_LLAMA',
-           'check_llama_config', 'LlamaBlock', 'Llama2Model', 'Llama3Model', 'llama_name_map',
+           'GATED_HINT', 'check_llama_config', 'LlamaBlock', 'Llama2Model', 'Llama3Model', 'llama_name_map',
            'load_weights_into_llama', 'read_tiktoken_ranks', 'Llama3Tokenizer', 'ChatFormat', 'llama_config_from_hf',
-           'load_pretrained_llama', 'load_llama3_tokenizer']
+           'hf_folder', 'load_hf_folder', 'load_pretrained_llama', 'load_llama3_tokenizer']
 
 # %% ../nbs/09_llama.ipynb #657d7401
 LLAMA2_CONFIG_7B = {      # Llama 2 7B: Touvron et al. 2023 and meta-llama/Llama-2-7b-hf's config.json
@@ -381,20 +381,29 @@ for _name, (_repo, _files) in PRETRAINED_LLAMA.items():
         register(f"{_name}/{_f}", f"llama/{_repo.split('/')[1]}/{_f}", f"https://huggingface.co/{_repo}/resolve/main/{_f}",
                  description=f"{_repo}: {_f}")
 
-def _llama_folder(name_or_path: str | Path) -> Path:
+def hf_folder(
+    name_or_path: str | Path,  # a registered name (a key of `registry`) or a local folder
+    registry: dict,            # our name -> (Hugging Face repository, its files), e.g. PRETRAINED_LLAMA
+    hint: str,                 # added to a failed download's message; `{repo}` stands for the repository
+) -> Path:
     "A local folder of Hugging Face files: the path itself, or the registered files of a named model, downloaded."
-    if isinstance(name_or_path, str) and name_or_path in PRETRAINED_LLAMA:
-        repo, files = PRETRAINED_LLAMA[name_or_path]
+    if isinstance(name_or_path, str) and name_or_path in registry:
+        repo, files = registry[name_or_path]
         try:
-            paths = [download(f"{name_or_path}/{f}") for f in files]
+            return [download(f"{name_or_path}/{f}") for f in files][0].parent
         except DownloadError as e:
-            raise DownloadError(f"{e}\nMeta's Llama repositories are gated: accept the license at https://huggingface.co/{repo}, "
-                                f"download them with `huggingface-cli download {repo} --local-dir DIR` and pass DIR.") from e
-        return paths[0].parent
+            raise DownloadError(f"{e}\n{hint.format(repo=repo)}") from e
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        raise ValueError(f"{str(name_or_path)!r} is neither a model name ({', '.join(PRETRAINED_LLAMA)}) nor a folder")
+        raise ValueError(f"{str(name_or_path)!r} is neither a model name ({', '.join(registry)}) nor a folder")
     return path
+
+GATED_HINT = ("{company}'s {family} repositories are gated: accept the license at https://huggingface.co/{{repo}}, "
+          "download them with `huggingface-cli download {{repo}} --local-dir DIR` and pass DIR.")
+
+def _llama_folder(name_or_path: str | Path) -> Path:
+    "A Llama model's local folder: the path itself, or the registered files of a named model, downloaded."
+    return hf_folder(name_or_path, PRETRAINED_LLAMA, GATED_HINT.format(company="Meta", family="Llama"))
 
 def _safetensors_files(folder: Path) -> list[Path]:
     "The weight files of a Hugging Face folder: model.safetensors, or the shards its index lists."
@@ -409,28 +418,37 @@ def _safetensors_files(folder: Path) -> list[Path]:
         return [folder/s for s in shards]
     raise ValueError(f"{folder} holds neither model.safetensors nor model.safetensors.index.json")
 
+def load_hf_folder(
+    folder: Path,                      # a Hugging Face folder: config.json and model.safetensors (or shards with an index)
+    config_from_hf,                    # config.json's dict -> our config, e.g. `llama_config_from_hf`
+    build,                             # our config -> the model, e.g. `Llama3Model`
+    load_tensors,                      # (model, tensors, where, device) -> the model, every parameter assigned once
+    device=None,                       # where the model goes (None: `get_device()`)
+    dtype: torch.dtype | None = None,  # None: the checkpoint's
+) -> tuple[nn.Module, dict]:           # the model in eval mode, and its config
+    "A model built on the meta device from a folder's config.json, its safetensors weights then loaded tensor by tensor."
+    device = get_device(device)
+    if not (folder/"config.json").is_file():
+        raise ValueError(f"{folder} has no config.json")
+    cfg = config_from_hf(json.loads((folder/"config.json").read_text(encoding="utf-8")))
+    if dtype is not None:
+        cfg["dtype"] = dtype
+    with init_empty_weights():
+        model = build(cfg)
+    with contextlib.ExitStack() as stack:
+        tensors = {}
+        for f in _safetensors_files(folder):
+            tensors |= stack.enter_context(open_safetensors(f))
+        load_tensors(model, tensors, str(folder), device)
+    return model.to(device).eval(), cfg
+
 def load_pretrained_llama(
     name_or_path: str | Path,          # 'llama3.2-1b', 'llama3.2-3b', or a folder with config.json and safetensors weights
     device=None,                       # where the model goes (None: `get_device()`)
     dtype: torch.dtype | None = None,  # None: the checkpoint's (bfloat16 for Meta's)
 ) -> tuple[Llama3Model, dict]:         # the model in eval mode, and its config
     "A `Llama3Model` with weights from a Hugging Face folder (or a registered name, downloaded), loaded tensor by tensor."
-    device = get_device(device)
-    folder = _llama_folder(name_or_path)
-    if not (folder/"config.json").is_file():
-        raise ValueError(f"{folder} has no config.json")
-    cfg = llama_config_from_hf(json.loads((folder/"config.json").read_text(encoding="utf-8")))
-    if dtype is not None:
-        cfg["dtype"] = dtype
-    with init_empty_weights():
-        model = Llama3Model(cfg)
-    files = _safetensors_files(folder)
-    with contextlib.ExitStack() as stack:
-        tensors = {}
-        for f in files:
-            tensors |= stack.enter_context(open_safetensors(f))
-        _load_llama_tensors(model, tensors, str(folder), device)
-    return model.to(device).eval(), cfg
+    return load_hf_folder(_llama_folder(name_or_path), llama_config_from_hf, Llama3Model, _load_llama_tensors, device, dtype)
 
 def load_llama3_tokenizer(
     name_or_path: str | Path,  # 'llama3.2-1b', ..., a folder (tokenizer.model or original/tokenizer.model), or the file

@@ -5,18 +5,16 @@
 # %% ../nbs/10_qwen3.ipynb #762c3056
 from __future__ import annotations
 
-import contextlib
-import json
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .core import DownloadError, download, get_device, register
+from .core import download, register
 from .layers import GatedFeedForward, GroupedQueryAttention, MoEFeedForward, RMSNorm, causal_mask, compute_rope_params
-from .llama import _safetensors_files, _state_dict_tensors
-from .weights import LazyTensor, Source, init_empty_weights, load_tensors_into_gpt, open_safetensors
+from .llama import _state_dict_tensors, hf_folder, load_hf_folder
+from .weights import LazyTensor, Source, load_tensors_into_gpt
 
 # %% auto #0
 __all__ = ['QWEN_CONFIG_06_B', 'QWEN3_CONFIG_1_7B', 'QWEN3_CONFIG_4B', 'QWEN3_CONFIG_8B', 'QWEN3_CONFIG_14B', 'QWEN3_CONFIG_32B',
@@ -418,16 +416,8 @@ def qwen3_config_from_hf(
 
 def _qwen3_folder(name_or_path: str | Path) -> Path:
     "A local folder of Hugging Face files: the path itself, or the registered files of a named model, downloaded."
-    if isinstance(name_or_path, str) and name_or_path in PRETRAINED_QWEN3:
-        repo, files = PRETRAINED_QWEN3[name_or_path]
-        try:
-            return [download(f"{name_or_path}/{f}") for f in files][0].parent
-        except DownloadError as e:
-            raise DownloadError(f"{e}\nOr download the model with `huggingface-cli download {repo} --local-dir DIR` and pass DIR.") from e
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"{str(name_or_path)!r} is neither a model name ({', '.join(PRETRAINED_QWEN3)}) nor a folder")
-    return path
+    return hf_folder(name_or_path, PRETRAINED_QWEN3,
+                     "Or download the model with `huggingface-cli download {repo} --local-dir DIR` and pass DIR.")
 
 def load_pretrained_qwen3(
     name_or_path: str | Path,          # 'qwen3-0.6b', 'qwen3-0.6b-base', or a folder with config.json and safetensors weights
@@ -435,21 +425,7 @@ def load_pretrained_qwen3(
     dtype: torch.dtype | None = None,  # None: the checkpoint's (bfloat16 for Qwen's)
 ) -> tuple[Qwen3Model, dict]:          # the model in eval mode, and its config
     "A `Qwen3Model` (dense or mixture of experts) with weights from a Hugging Face folder or a registered name, tensor by tensor."
-    device = get_device(device)
-    folder = _qwen3_folder(name_or_path)
-    if not (folder/"config.json").is_file():
-        raise ValueError(f"{folder} has no config.json")
-    cfg = qwen3_config_from_hf(json.loads((folder/"config.json").read_text(encoding="utf-8")))
-    if dtype is not None:
-        cfg["dtype"] = dtype
-    with init_empty_weights():
-        model = Qwen3Model(cfg)
-    with contextlib.ExitStack() as stack:
-        tensors = {}
-        for f in _safetensors_files(folder):
-            tensors |= stack.enter_context(open_safetensors(f))
-        load_qwen3_tensors(model, tensors, str(folder), device)
-    return model.to(device).eval(), cfg
+    return load_hf_folder(_qwen3_folder(name_or_path), qwen3_config_from_hf, Qwen3Model, load_qwen3_tensors, device, dtype)
 
 def load_qwen3_tokenizer(
     name_or_path: str | Path,      # 'qwen3-0.6b', ..., a folder with tokenizer.json, or the file
