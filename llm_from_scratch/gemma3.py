@@ -12,7 +12,7 @@ from torch import nn
 
 from .core import download, register
 from .layers import GatedFeedForward, GroupedQueryAttention, RMSNorm, causal_mask, compute_rope_params
-from .llama import GATED_HINT, _state_dict_tensors, hf_folder, load_hf_folder
+from .llama import GATED_HINT, _state_dict_tensors, check_param_config, hf_folder, load_hf_folder
 from .weights import LazyTensor, Source, load_tensors_into_gpt
 
 # %% auto #0
@@ -247,8 +247,7 @@ def load_weights_into_gemma(
     device=None,         # where the parameters go (None: where the model's are; cpu for meta)
 ) -> Gemma3Model:        # `model`, loaded
     "The book's `load_weights_into_gemma`: a Hugging Face Gemma 3 state dict into our model, all of it or nothing."
-    if param_config["n_layers"] != len(model.trf_blocks):
-        raise ValueError(f"param_config has n_layers={param_config['n_layers']}, the model {len(model.trf_blocks)} blocks")
+    check_param_config(param_config, model)
     return load_gemma3_tensors(model, _state_dict_tensors(params, "params"), "the Gemma 3 state dict", device)
 
 # %% ../nbs/11_gemma3.ipynb #2093fecc

@@ -22,8 +22,8 @@ from .weights import LazyTensor, Source, init_empty_weights, load_tensors_into_g
 __all__ = ['LLAMA2_CONFIG_7B', 'LLAMA_CONFIG_KEYS', 'LLAMA3_CONFIG_8B', 'LLAMA31_CONFIG_8B', 'LLAMA32_CONFIG_1B',
            'LLAMA32_CONFIG_3B', 'LLAMA_CONFIGS', 'LLAMA3_PATTERN', 'LLAMA3_SPECIAL_TOKENS', 'PRETRAINED_LLAMA',
            'GATED_HINT', 'check_llama_config', 'LlamaBlock', 'Llama2Model', 'Llama3Model', 'llama_name_map',
-           'load_weights_into_llama', 'read_tiktoken_ranks', 'Llama3Tokenizer', 'ChatFormat', 'llama_config_from_hf',
-           'hf_folder', 'load_hf_folder', 'load_pretrained_llama', 'load_llama3_tokenizer']
+           'check_param_config', 'load_weights_into_llama', 'read_tiktoken_ranks', 'Llama3Tokenizer', 'ChatFormat',
+           'llama_config_from_hf', 'hf_folder', 'load_hf_folder', 'load_pretrained_llama', 'load_llama3_tokenizer']
 
 # %% ../nbs/09_llama.ipynb #657d7401
 LLAMA2_CONFIG_7B = {      # Llama 2 7B: Touvron et al. 2023 and meta-llama/Llama-2-7b-hf's config.json
@@ -221,6 +221,11 @@ def _load_llama_tensors(model: nn.Module, tensors: dict[str, LazyTensor], where:
     name_map = {ours: Source(hf, None, False) for ours, hf in llama_name_map(len(model.trf_blocks)).items()}
     return load_tensors_into_gpt(model, tensors, name_map, where, tie="lm_head.weight" not in tensors, device=device)
 
+def check_param_config(param_config: dict, model: nn.Module) -> None:
+    "Refuse a `param_config` whose number of layers is not the model's (the book's `load_weights_into_*` take both)."
+    if param_config["n_layers"] != len(model.trf_blocks):
+        raise ValueError(f"param_config has n_layers={param_config['n_layers']}, the model {len(model.trf_blocks)} blocks")
+
 def load_weights_into_llama(
     model: nn.Module,     # a `Llama2Model` or `Llama3Model` (its parameters may be on the meta device)
     param_config: dict,   # the model's config (its 'n_layers' must match the model)
@@ -228,8 +233,7 @@ def load_weights_into_llama(
     device=None,          # where the parameters go (None: where the model's are; cpu for meta)
 ) -> nn.Module:           # `model`, loaded
     "The book's `load_weights_into_llama`: a Hugging Face Llama state dict into our model, all of it or nothing."
-    if param_config["n_layers"] != len(model.trf_blocks):
-        raise ValueError(f"param_config has n_layers={param_config['n_layers']}, the model {len(model.trf_blocks)} blocks")
+    check_param_config(param_config, model)
     return _load_llama_tensors(model, _state_dict_tensors(params, "params"), "the Llama state dict", device)
 
 # %% ../nbs/09_llama.ipynb #3f929ecc

@@ -13,7 +13,7 @@ from torch import nn
 
 from .core import download, register
 from .layers import GatedFeedForward, GroupedQueryAttention, MoEFeedForward, RMSNorm, causal_mask, compute_rope_params
-from .llama import _state_dict_tensors, hf_folder, load_hf_folder
+from .llama import _state_dict_tensors, check_param_config, hf_folder, load_hf_folder
 from .weights import LazyTensor, Source, load_tensors_into_gpt
 
 # %% auto #0
@@ -229,8 +229,7 @@ def load_weights_into_qwen(
     device=None,        # where the parameters go (None: where the model's are; cpu for meta)
 ) -> Qwen3Model:        # `model`, loaded
     "The book's `load_weights_into_qwen`: a Hugging Face Qwen3 state dict into our model, all of it or nothing."
-    if param_config["n_layers"] != len(model.trf_blocks):
-        raise ValueError(f"param_config has n_layers={param_config['n_layers']}, the model {len(model.trf_blocks)} blocks")
+    check_param_config(param_config, model)
     return load_qwen3_tensors(model, _state_dict_tensors(params, "params"), "the Qwen3 state dict", device)
 
 # %% ../nbs/10_qwen3.ipynb #7812c964
