@@ -14,7 +14,7 @@ from llm_from_scratch.kv_cache import generate
 from llm_from_scratch.layers import RMSNorm
 from llm_from_scratch.weights import init_empty_weights
 
-from tiny_models import gemma3_tokenizer_file, unit_scale
+from tiny_models import gemma3_tokenizer_file, rel_err, unit_scale
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -47,10 +47,6 @@ def hf_and_folder(request, tmp_path_factory):
     return hf, folder
 
 
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def test_logits_match_transformers(hf_and_folder):
     hf, folder = hf_and_folder
     model, cfg = load_pretrained_gemma3(folder, device="cpu", dtype=torch.float32)
@@ -60,7 +56,7 @@ def test_logits_match_transformers(hf_and_folder):
     idx = torch.randint(0, VOCAB, (2, 12))           # three times the window
     with torch.no_grad():
         ours, ref = model(idx), hf(idx).logits
-    assert _rel_err(ours, ref) < 1e-4
+    assert rel_err(ours, ref) < 1e-4
 
 
 def test_greedy_generation_matches_transformers_past_the_window(hf_and_folder):
@@ -90,7 +86,7 @@ def test_bfloat16_close_to_transformers():
     idx = torch.randint(0, VOCAB, (1, 10))
     with torch.no_grad():
         ours, ref = model.eval()(idx).float(), hf(idx).logits.float()
-    assert _rel_err(ours, ref) < 3e-2
+    assert rel_err(ours, ref) < 3e-2
 
 
 def test_norms_match_transformers():
@@ -122,7 +118,7 @@ def test_multimodal_checkpoint(tmp_path):
     assert ours_cfg["layer_types"] == TYPES
     idx = torch.randint(0, VOCAB - 3, (1, 11))
     with torch.no_grad():
-        assert _rel_err(model(idx), hf(input_ids=idx).logits) < 1e-4
+        assert rel_err(model(idx), hf(input_ids=idx).logits) < 1e-4
 
 
 def test_config_from_hf_formats():

@@ -14,7 +14,7 @@ from llm_from_scratch.qwen3 import (QWEN_CONFIG_06_B, QWEN3_CONFIG_30B_A3B, Qwen
                                     qwen3_config_from_hf)
 from llm_from_scratch.weights import init_empty_weights
 
-from tiny_models import qwen3_tokenizer_file, unit_scale
+from tiny_models import qwen3_tokenizer_file, rel_err, unit_scale
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -46,10 +46,6 @@ def hf_and_folder(request, tmp_path_factory):
     return hf, folder
 
 
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def test_logits_match_transformers(hf_and_folder):
     hf, folder = hf_and_folder
     model, cfg = load_pretrained_qwen3(folder, device="cpu", dtype=torch.float32)
@@ -60,7 +56,7 @@ def test_logits_match_transformers(hf_and_folder):
     idx = torch.randint(0, VOCAB, (2, 17))
     with torch.no_grad():
         ours, ref = model(idx), hf(idx).logits
-    assert _rel_err(ours, ref) < 1e-4
+    assert rel_err(ours, ref) < 1e-4
 
 
 def test_greedy_generation_matches_transformers(hf_and_folder):
@@ -106,7 +102,7 @@ def test_load_weights_into_qwen_state_dicts():
         with torch.no_grad():
             outs.append(model.eval()(idx))
     with torch.no_grad():
-        assert _rel_err(outs[0], hf(idx).logits) < 1e-4
+        assert rel_err(outs[0], hf(idx).logits) < 1e-4
     assert torch.equal(outs[0], outs[1])
 
 

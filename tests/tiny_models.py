@@ -30,6 +30,11 @@ def unit_scale(model, seed=0):
     return model
 
 
+def rel_err(a, b):
+    "The largest absolute difference relative to the largest magnitude of the reference `b`."
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
 class SlowModel(nn.Module):
     "A model that sleeps before every forward pass, so that a stream's tokens are spread out in time."
     def __init__(self, inner, delay=0.04):
