@@ -16,7 +16,7 @@ from llm_from_scratch.llama import (
 )
 from llm_from_scratch.weights import init_empty_weights
 
-from tiny_models import llama3_tokenizer_file
+from tiny_models import llama3_tokenizer_file, rel_err
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -53,10 +53,6 @@ def saved_state_dict(hf):
     if hf.config.tie_word_embeddings:
         sd.pop("lm_head.weight")
     return sd
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
