@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 import warnings
 
@@ -31,6 +30,8 @@ from llm_from_scratch.attention_variants import (
     MultiHeadAttentionStacked,
     flex_attention,
 )
+from common import describe, sync
+
 from llm_from_scratch.core import get_device
 
 REFERENCE = 'ch. 3 MultiHeadAttention'
@@ -53,14 +54,6 @@ def variants(d: int, heads: int, context: int):
     if flex_attention is not None:
         out.append(('FlexAttention, compiled', lambda: MultiHeadAttentionFlex(*args, compiled=True)))
     return out
-
-
-def sync(device: torch.device) -> None:
-    "Wait for queued GPU work, so that wall-clock time measures it."
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    elif device.type == 'mps':
-        torch.mps.synchronize()
 
 
 def timed(fn, device: torch.device) -> float:
@@ -87,22 +80,6 @@ def round_robin(calls: dict, device: torch.device, warmup: int, repeats: int) ->
 def ms(seconds: float) -> str:
     "Milliseconds, with a decimal only where it matters."
     return f'{seconds * 1e3:,.0f}' if seconds >= 0.1 else f'{seconds * 1e3:.2f}'
-
-
-def describe(device: torch.device) -> str:
-    "The device in words: GPU name, or CPU model and thread count."
-    if device.type == 'cuda':
-        p = torch.cuda.get_device_properties(device)
-        return f'cuda: {torch.cuda.get_device_name(device)}, {p.total_memory / 2**30:.0f} GiB'
-    if device.type == 'mps':
-        return f'mps: Apple GPU ({platform.machine()})'
-    model = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'cpu: {model}, {torch.get_num_threads()} threads'
 
 
 def main(argv=None) -> None:

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import statistics
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+from common import describe, sync
 
 from llm_from_scratch.core import get_device
 from llm_from_scratch.gpt import GPT_CONFIG_124M, GPTModel
@@ -46,27 +47,6 @@ CONFIGS = {  # name -> (model config, batch size)
     '124m': ({**GPT_CONFIG_124M, 'context_length': 256}, 8),                 # the book's chapter-5 setting, batch 8
     'small': (dict(MODEL_CONFIGS['gpt-verdict']), 8),                         # the CLI's default model
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    elif device.type == 'mps':
-        torch.mps.synchronize()
-
-
-def describe(device: torch.device) -> str:
-    "The device in words."
-    if device.type == 'cuda':
-        return f'cuda: {torch.cuda.get_device_name(device)}'
-    model = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    n = torch.get_num_threads()
-    return f'cpu: {model}, {n} thread{"s" if n != 1 else ""}'
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
