@@ -4,7 +4,7 @@ STAGE := bash .ci/stage.sh
 PYTHON ?= python3
 PKG := llm_from_scratch
 
-.PHONY: book test install export export-check lint nbtest pytest readme clean
+.PHONY: book test install export export-check lint nbtest docs-check pytest readme clean
 
 ## make book: export the package and render the book into _site/ (needs Quarto)
 book: install export
@@ -13,8 +13,9 @@ book: install export
 	$(STAGE) "render the book" nbdev_docs
 	$(PYTHON) .ci/readme.py
 
-## make test: install, check the package matches the notebooks, lint, run every notebook, run tests/
-test: install export-check lint nbtest pytest
+## make test: install, check the package matches the notebooks, lint, run every notebook, process them as the book
+## build does (everything `make book` does before Quarto), run tests/
+test: install export-check lint nbtest docs-check pytest
 
 install:
 	@$(STAGE) "install" $(PYTHON) -m pip install -q -e ".[dev]"
@@ -37,6 +38,10 @@ lint:
 
 nbtest:
 	@$(STAGE) "nbdev_test (every notebook)" nbdev_test --timing
+
+## nbdev's processing of every notebook, as `make book` runs it before Quarto, on a temporary copy
+docs-check:
+	@$(STAGE) "book build before Quarto (nbdev processing)" $(PYTHON) .ci/proc_docs.py
 
 pytest:
 	@$(STAGE) "pytest" $(PYTHON) -m pytest tests -q -p no:cacheprovider

@@ -1,11 +1,16 @@
 "The book's structure: _quarto.yml, the notebooks, the README and the test flags hold together."
+import ast
 import configparser
+import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT/'nbs'
@@ -116,3 +121,93 @@ def test_notebooks_carry_outputs():
             continue
         shown = [c for c in cells if not ''.join(c['source']).lstrip().startswith(('#| export', '#| hide', '#| default_exp'))]
         assert not shown, f'{p.name} has no stored outputs: execute it (python .ci/execute_nbs.py) before committing'
+
+
+# --- What a reader meets on every page, and what a fresh install needs (.ci/book_report.py measures it) ---
+sys.path.insert(0, str(ROOT/'.ci'))
+import book_report  # noqa: E402
+
+
+@pytest.mark.parametrize('page', [p.name for p in book_report.pages()])
+def test_page_meets_the_book_bars(page):
+    "Prose ratio, cell length, imports in their own cells, plain signatures, reader-facing prose, Summary and Exercises."
+    problems = book_report.problems(NBS/page)
+    assert not problems, f'{page}: ' + '; '.join(problems)
+
+
+def test_map_titles_are_the_page_titles():
+    "The home page's map names each page as its own title (and so the sidebar) does."
+    index = ''.join(''.join(c['source']) for c in json.loads((NBS/'index.ipynb').read_text())['cells']
+                    if c['cell_type'] == 'markdown')
+    links = {f: t for t, f in re.findall(r'^\| \[([^\]]+)\]\(([\w.]+\.ipynb)\)', index, re.M)}
+    pages = {p.name for p in book_report.pages()} - {'index.ipynb'}
+    assert set(links) == pages, f'map and pages differ: {set(links) ^ pages}'
+    for f, title in links.items():
+        first = ''.join(json.loads((NBS/f).read_text())['cells'][0]['source']).splitlines()[0]
+        assert first == f'# {title}', f'{f}: the map says {title!r}, the page {first!r}'
+
+
+def test_quarto_css_is_shipped_with_the_notebooks():
+    css = quarto()['format']['html']['css']
+    assert (NBS/css).is_file(), f'{css} must live in nbs/, from where nbdev copies it next to _quarto.yml'
+
+
+def _imports(src: str) -> set[str]:
+    "Top-level names of every module imported in a source, inside functions too."
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return set()
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            out |= {a.name.split('.')[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
+            out.add(n.module.split('.')[0])
+        elif isinstance(n, ast.Call) and getattr(n.func, 'attr', getattr(n.func, 'id', '')) == 'import_module' \
+                and n.args and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str):
+            if not n.args[0].value.startswith('.'):
+                out.add(n.args[0].value.split('.')[0])
+    return out
+
+
+def _declared(key: str) -> set[str]:
+    cfg = configparser.ConfigParser(delimiters=['='])
+    cfg.read(ROOT/'settings.ini')
+    return {canonicalize_name(re.split(r'[<>=!~\[ ;]', r)[0]) for r in cfg['DEFAULT'].get(key, '').split()}
+
+
+def _undeclared(sources: list[str], declared: set[str]) -> dict[str, list[str]]:
+    local = {'llm_from_scratch', 'conftest', 'tiny_models', 'common', 'book_report'}
+    dists = importlib.metadata.packages_distributions()
+    missing = {}
+    for name in sorted(set().union(*map(_imports, sources)) - local - set(sys.stdlib_module_names)):
+        provided_by = {canonicalize_name(d) for d in dists.get(name, [])}
+        if not provided_by & declared:
+            missing[name] = sorted(provided_by) or ['(not installed)']
+    return missing
+
+
+def _notebook_code() -> list[str]:
+    out = []
+    for p in NBS.glob('*.ipynb'):
+        for c in json.loads(p.read_text())['cells']:
+            if c['cell_type'] == 'code':
+                src = ''.join(c['source'])
+                out.append('\n'.join('' if ln.lstrip().startswith(('%', '!')) else ln for ln in src.splitlines()))
+    return out
+
+
+def test_package_imports_are_declared_requirements():
+    "Everything the package imports is a core requirement (TensorFlow, imported lazily, is the tf extra)."
+    srcs = [p.read_text() for p in (ROOT/'llm_from_scratch').glob('*.py')]
+    missing = _undeclared(srcs, _declared('requirements') | _declared('tf_requirements'))
+    assert not missing, f'the package imports modules that settings.ini does not require: {missing}'
+
+
+def test_notebook_test_and_bench_imports_are_declared():
+    "What the notebooks, tests and benchmarks import is declared (core, dev or tf), so a fresh install runs them."
+    srcs = _notebook_code() + [p.read_text() for d in ('tests', 'bench', '.ci') for p in (ROOT/d).glob('*.py')]
+    declared = _declared('requirements') | _declared('dev_requirements') | _declared('tf_requirements')
+    missing = _undeclared(srcs, declared)
+    assert not missing, f'imported but not declared in settings.ini: {missing}'
