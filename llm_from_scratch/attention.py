@@ -159,7 +159,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer('mask', torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
-# %% ../nbs/03_attention.ipynb #45ee7669
+# %% ../nbs/03_attention.ipynb #9f9c6418
 @patch
 def forward(
     self: MultiHeadAttention,
