@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 
 # %% auto #0
@@ -135,7 +136,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(
         self,
         d_in: int,                # size of each input embedding
-        d_out: int,               # size of the output, all heads together; a multiple of `num_heads`
+        d_out: int,               # size of the output, all heads together; a multiple of num_heads
         context_length: int,      # the longest sequence the causal mask covers
         dropout: float,           # dropout rate on the attention weights
         num_heads: int,           # number of heads
@@ -158,41 +159,43 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer('mask', torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
-    def forward(
-        self,
-        x: torch.Tensor,  # token embeddings, (b, T, d_in)
-        cache=None,       # this layer's KV cache (chapter 4's bonus page); None: attend within `x` only
-    ) -> torch.Tensor:    # context vectors, (b, T, d_out)
-        "Each position's context vector: per head, a mix of the values at and before it; heads merged by `out_proj`."
-        b, num_tokens, d_in = x.shape
-        if cache is None:
-            _check_length(num_tokens, self.mask.shape[0])
-        keys = self.W_key(x)        # (b, T, d_in) -> (b, T, d_out)
-        queries = self.W_query(x)
-        values = self.W_value(x)
-        # split the last dimension into heads: (b, T, d_out) -> (b, T, num_heads, head_dim)
-        keys = keys.view(b, num_tokens, self.num_heads, self.head_dim)
-        values = values.view(b, num_tokens, self.num_heads, self.head_dim)
-        queries = queries.view(b, num_tokens, self.num_heads, self.head_dim)
-        # heads become a batch dimension: (b, T, num_heads, head_dim) -> (b, num_heads, T, head_dim)
-        keys = keys.transpose(1, 2)
-        queries = queries.transpose(1, 2)
-        values = values.transpose(1, 2)
-        if cache is None:
-            blocked = self.mask.bool()[:num_tokens, :num_tokens]  # (T, T), True above the diagonal
-        else:
-            keys, values = cache.update(keys, values)  # (b, num_heads, S, head_dim), S = tokens so far
-            blocked = cache.mask(num_tokens)           # broadcastable to (b, num_heads, T, S)
-        if self.attn_impl == 'sdpa':
-            context_vec = F.scaled_dot_product_attention(  # (b, num_heads, T, head_dim)
-                queries, keys, values, attn_mask=None if cache is None else ~blocked,
-                dropout_p=self.dropout.p if self.training else 0.0, is_causal=cache is None)
-        else:
-            attn_scores = queries @ keys.transpose(2, 3)  # (.., T, head_dim) @ (.., head_dim, S) -> (b, num_heads, T, S)
-            attn_scores.masked_fill_(blocked, -torch.inf)
-            attn_weights = torch.softmax(attn_scores / keys.shape[-1]**0.5, dim=-1)
-            attn_weights = self.dropout(attn_weights)
-            context_vec = attn_weights @ values  # (.., T, S) @ (.., S, head_dim) -> (b, num_heads, T, head_dim)
-        # merge the heads: (b, num_heads, T, head_dim) -> (b, T, num_heads, head_dim) -> (b, T, d_out)
-        context_vec = context_vec.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
-        return self.out_proj(context_vec)  # (b, T, d_out)
+# %% ../nbs/03_attention.ipynb #9f9c6418
+@patch
+def forward(
+    self: MultiHeadAttention,
+    x: torch.Tensor,  # token embeddings, (b, T, d_in)
+    cache=None,       # this layer's KV cache (chapter 4's bonus page); None: attend within x only
+) -> torch.Tensor:    # context vectors, (b, T, d_out)
+    "Each position's context vector: per head, a mix of the values at and before it; heads merged by `out_proj`."
+    b, num_tokens, d_in = x.shape
+    if cache is None:
+        _check_length(num_tokens, self.mask.shape[0])
+    keys = self.W_key(x)        # (b, T, d_in) -> (b, T, d_out)
+    queries = self.W_query(x)
+    values = self.W_value(x)
+    # split the last dimension into heads: (b, T, d_out) -> (b, T, num_heads, head_dim)
+    keys = keys.view(b, num_tokens, self.num_heads, self.head_dim)
+    values = values.view(b, num_tokens, self.num_heads, self.head_dim)
+    queries = queries.view(b, num_tokens, self.num_heads, self.head_dim)
+    # heads become a batch dimension: (b, T, num_heads, head_dim) -> (b, num_heads, T, head_dim)
+    keys = keys.transpose(1, 2)
+    queries = queries.transpose(1, 2)
+    values = values.transpose(1, 2)
+    if cache is None:
+        blocked = self.mask.bool()[:num_tokens, :num_tokens]  # (T, T), True above the diagonal
+    else:
+        keys, values = cache.update(keys, values)  # (b, num_heads, S, head_dim), S = tokens so far
+        blocked = cache.mask(num_tokens)           # broadcastable to (b, num_heads, T, S)
+    if self.attn_impl == 'sdpa':
+        context_vec = F.scaled_dot_product_attention(  # (b, num_heads, T, head_dim)
+            queries, keys, values, attn_mask=None if cache is None else ~blocked,
+            dropout_p=self.dropout.p if self.training else 0.0, is_causal=cache is None)
+    else:
+        attn_scores = queries @ keys.transpose(2, 3)  # (.., T, head_dim) @ (.., head_dim, S) -> (b, num_heads, T, S)
+        attn_scores.masked_fill_(blocked, -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1]**0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        context_vec = attn_weights @ values  # (.., T, S) @ (.., S, head_dim) -> (b, num_heads, T, head_dim)
+    # merge the heads: (b, num_heads, T, head_dim) -> (b, T, num_heads, head_dim) -> (b, T, d_out)
+    context_vec = context_vec.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
+    return self.out_proj(context_vec)  # (b, T, d_out)

@@ -10,6 +10,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .attention import MultiHeadAttention, MultiHeadAttentionWrapper, _check_length
 
@@ -48,7 +49,7 @@ class MultiHeadAttentionStacked(nn.Module):
     def __init__(
         self,
         d_in: int,            # size of each input embedding
-        d_out: int,           # size of the output; each of the `num_heads` heads gets d_out // num_heads
+        d_out: int,           # size of the output; each of the num_heads heads gets d_out // num_heads
         context_length: int,  # longest sequence the causal mask covers
         dropout: float,       # dropout rate on the attention weights
         num_heads: int,
@@ -85,7 +86,7 @@ class MultiHeadAttentionStacked(nn.Module):
         self.out_proj.load_state_dict(mha.out_proj.state_dict())
         return self
 
-# %% ../nbs/03b_attention_variants.ipynb #a338089a
+# %% ../nbs/03b_attention_variants.ipynb #ebd11cc8
 def _keys_values_blocked(
     keys: torch.Tensor,    # the new tokens' keys, (b, num_heads, T, head_dim)
     values: torch.Tensor,  # and values, the same shape
@@ -100,6 +101,7 @@ def _keys_values_blocked(
     keys, values = cache.update(keys, values)     # (b, num_heads, T, head_dim) -> (b, num_heads, S, head_dim)
     return keys, values, cache.mask(T)            # broadcastable to (b, num_heads, T, S)
 
+# %% ../nbs/03b_attention_variants.ipynb #92f8e33a
 class MultiHeadAttentionCombinedQKV(nn.Module):
     "Multi-head causal attention with queries, keys and values computed by one linear layer."
     def __init__(
@@ -130,7 +132,7 @@ class MultiHeadAttentionCombinedQKV(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # token embeddings, (b, T, d_in)
-        cache=None,       # this layer's KV cache (chapter 4's bonus page); None: attend within `x` only
+        cache=None,       # this layer's KV cache (chapter 4's bonus page); None: attend within x only
     ) -> torch.Tensor:    # context vectors, (b, T, d_out)
         "The chapter's attention, after one fused projection."
         b, T, _ = x.shape
@@ -176,7 +178,7 @@ class MultiHeadAttentionEinsum(MultiHeadAttention):
     def forward(
         self,
         x: torch.Tensor,  # token embeddings, (b, T, d_in)
-        cache=None,       # this layer's KV cache; None: attend within `x` only
+        cache=None,       # this layer's KV cache; None: attend within x only
     ) -> torch.Tensor:    # context vectors, (b, T, d_out)
         "The chapter's attention in einsum notation."
         b, T, _ = x.shape
@@ -196,7 +198,7 @@ class MultiHeadAttentionEinsum(MultiHeadAttention):
             getattr(self, name).load_state_dict(getattr(mha, name).state_dict())
         return self
 
-# %% ../nbs/03b_attention_variants.ipynb #7eacb064
+# %% ../nbs/03b_attention_variants.ipynb #2745d9d5
 def _sdpa_backends(flash: bool | None):
     "The `sdpa_kernel` backends for the `flash` option: `None` for PyTorch's choice."
     if flash is None or SDPBackend is None:
@@ -205,6 +207,7 @@ def _sdpa_backends(flash: bool | None):
         return [SDPBackend.FLASH_ATTENTION]
     return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
+# %% ../nbs/03b_attention_variants.ipynb #8ab7f494
 class MultiHeadAttentionSDPA(MultiHeadAttentionCombinedQKV):
     "Multi-head causal attention with one projection and PyTorch's fused `scaled_dot_product_attention`."
     def __init__(
@@ -244,23 +247,25 @@ class MultiHeadAttentionSDPA(MultiHeadAttentionCombinedQKV):
             self.fell_back = True
             return F.scaled_dot_product_attention(queries, keys, values, **kwargs)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # token embeddings, (b, T, d_in)
-        cache=None,       # this layer's KV cache; None: attend within `x` only
-    ) -> torch.Tensor:    # context vectors, (b, T, d_out)
-        "Project once, then let a fused kernel do mask, softmax, dropout and the weighted sum."
-        b, T, _ = x.shape
-        queries, keys, values = self.project(x)
-        if cache is None:
-            _check_length(T, self.mask.shape[0])
-            allowed, causal = None, True
-        else:
-            keys, values = cache.update(keys, values)      # -> (b, num_heads, S, head_dim)
-            allowed, causal = ~cache.mask(T), False         # SDPA's boolean mask is True where attending is allowed
-        p = self.dropout.p if self.training else 0.0
-        context = self._attend(queries, keys, values, attn_mask=allowed, dropout_p=p, is_causal=causal)  # (b, num_heads, T, head_dim)
-        return self.out_proj(context.transpose(1, 2).reshape(b, T, self.d_out))
+# %% ../nbs/03b_attention_variants.ipynb #583fbc2b
+@patch
+def forward(
+    self: MultiHeadAttentionSDPA,
+    x: torch.Tensor,  # token embeddings, (b, T, d_in)
+    cache=None,       # this layer's KV cache; None: attend within x only
+) -> torch.Tensor:    # context vectors, (b, T, d_out)
+    "Project once, then let a fused kernel do mask, softmax, dropout and the weighted sum."
+    b, T, _ = x.shape
+    queries, keys, values = self.project(x)
+    if cache is None:
+        _check_length(T, self.mask.shape[0])
+        allowed, causal = None, True
+    else:
+        keys, values = cache.update(keys, values)      # -> (b, num_heads, S, head_dim)
+        allowed, causal = ~cache.mask(T), False         # SDPA's boolean mask is True where attending is allowed
+    p = self.dropout.p if self.training else 0.0
+    context = self._attend(queries, keys, values, attn_mask=allowed, dropout_p=p, is_causal=causal)  # (b, num_heads, T, head_dim)
+    return self.out_proj(context.transpose(1, 2).reshape(b, T, self.d_out))
 
 # %% ../nbs/03b_attention_variants.ipynb #9e862573
 class MultiHeadAttentionPyTorch(nn.Module):

@@ -14,6 +14,7 @@ from itertools import chain, repeat
 from pathlib import Path
 
 import regex
+from fastcore.basics import patch
 
 from .core import atomic_write
 
@@ -26,7 +27,7 @@ def merge_pair(
     ids: list[int],           # token ids
     pair: tuple[int, int],    # the adjacent pair to replace
     new_id: int,              # the id that replaces it
-) -> list[int]:               # `ids` with every occurrence of `pair`, left to right, replaced by `new_id`
+) -> list[int]:               # ids with every occurrence of pair, left to right, replaced by new_id
     "Replace each occurrence of `pair` in `ids`, scanning left to right, with `new_id`."
     a, b = pair
     out, i, n = [], 0, len(ids)
@@ -144,7 +145,7 @@ def _fix_surrogates(text: str) -> str:
     "Pair up surrogate halves into characters and replace lone ones by U+FFFD, as tiktoken does."
     return text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
 
-# %% ../nbs/02b_bpe.ipynb #d5dfc42b
+# %% ../nbs/02b_bpe.ipynb #17a16709
 class BPETokenizerSimple:
     "A byte-level BPE tokenizer: train it on text, or load GPT-2's vocabulary and merges."
     def __init__(self):
@@ -154,149 +155,166 @@ class BPETokenizerSimple:
         self.special_tokens: dict[str, int] = {}             # special token text -> id
         self._build(dict(bytes_to_unicode()), {})
 
-    def _build(self, vocab: dict[int, str], merges: dict[tuple[int, int], int]) -> None:
-        "Install `vocab` and `merges` and derive the lookup tables used to encode and decode."
-        char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
-        inverse = {}
-        for i, t in vocab.items():
-            inverse.setdefault(t, i)
-        missing = [b for b, c in bytes_to_unicode().items() if c not in inverse]
-        if missing:
-            raise ValueError(f'The vocabulary has no token for byte {missing[0]:#04x}: a byte-level vocabulary needs all 256')
-        byte_ids = [inverse[c] for c in bytes_to_unicode().values()]
-        for (a, b), n in merges.items():
-            if a not in vocab or b not in vocab or n not in vocab:
-                raise ValueError(f'The merge ({a}, {b}) -> {n} uses an id that is not in the vocabulary')
-            if vocab[n] != vocab[a] + vocab[b]:
-                raise ValueError(f'The merge ({a}, {b}) -> {n} does not spell {vocab[n]!r}')
-        plain = set(byte_ids) | set(merges.values())
-        specials = {t: i for i, t in vocab.items() if i not in plain}
-        id_bytes = {}
-        for i, t in vocab.items():
-            if i in plain:
-                id_bytes[i] = bytes(char_to_byte[c] for c in t)
-            elif not t:
-                raise ValueError(f'Token {i} is empty')
-            else:
-                id_bytes[i] = t.encode('utf-8')
-        self.vocab, self.inverse_vocab, self.bpe_merges, self.special_tokens = vocab, inverse, merges, specials
-        self._byte_ids, self._id_bytes = byte_ids, id_bytes
-        self._piece_ids = {}
-        for i in vocab:
-            if i in plain:
-                self._piece_ids.setdefault(id_bytes[i], i)
-        self._ranks = {pair: (rank, n) for rank, (pair, n) in enumerate(merges.items())}
-        self._cache = _PieceCache(self._encode_piece)
+# %% ../nbs/02b_bpe.ipynb #89d59aec
+@patch
+def _build(self: BPETokenizerSimple, vocab: dict[int, str], merges: dict[tuple[int, int], int]) -> None:
+    "Install `vocab` and `merges` and derive the lookup tables used to encode and decode."
+    char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    inverse = {}
+    for i, t in vocab.items():
+        inverse.setdefault(t, i)
+    missing = [b for b, c in bytes_to_unicode().items() if c not in inverse]
+    if missing:
+        raise ValueError(f'The vocabulary has no token for byte {missing[0]:#04x}: a byte-level vocabulary needs all 256')
+    byte_ids = [inverse[c] for c in bytes_to_unicode().values()]
+    for (a, b), n in merges.items():
+        if a not in vocab or b not in vocab or n not in vocab:
+            raise ValueError(f'The merge ({a}, {b}) -> {n} uses an id that is not in the vocabulary')
+        if vocab[n] != vocab[a] + vocab[b]:
+            raise ValueError(f'The merge ({a}, {b}) -> {n} does not spell {vocab[n]!r}')
+    plain = set(byte_ids) | set(merges.values())
+    specials = {t: i for i, t in vocab.items() if i not in plain}
+    id_bytes = {}
+    for i, t in vocab.items():
+        if i in plain:
+            id_bytes[i] = bytes(char_to_byte[c] for c in t)
+        elif not t:
+            raise ValueError(f'Token {i} is empty')
+        else:
+            id_bytes[i] = t.encode('utf-8')
+    self.vocab, self.inverse_vocab, self.bpe_merges, self.special_tokens = vocab, inverse, merges, specials
+    self._byte_ids, self._id_bytes = byte_ids, id_bytes
+    self._piece_ids = {}
+    for i in vocab:
+        if i in plain:
+            self._piece_ids.setdefault(id_bytes[i], i)
+    self._ranks = {pair: (rank, n) for rank, (pair, n) in enumerate(merges.items())}
+    self._cache = _PieceCache(self._encode_piece)
 
-    def train(
-        self,
-        text: str,                                     # the training text
-        vocab_size: int,                               # 256 bytes + special tokens + merges
-        allowed_special=frozenset({'<|endoftext|>'}),  # special tokens to add to the vocabulary
-    ) -> None:
-        "Learn a vocabulary of `vocab_size` tokens (fewer if `text` runs out of pairs) from `text`."
-        specials = sorted(set(allowed_special or ()))
-        if '' in specials:
-            raise ValueError('A special token cannot be the empty string')
-        n_merges = vocab_size - 256 - len(specials)
-        if n_merges < 0:
-            raise ValueError(f'vocab_size={vocab_size} is too small: it must hold 256 bytes and {len(specials)} special tokens')
-        text = _fix_surrogates(text)
-        vocab = dict(enumerate(bytes_to_unicode().values()))
-        for t in specials:
-            vocab[len(vocab)] = t
-        chunks = _special_regex(frozenset(specials)).split(text)[::2] if specials else [text]  # special tokens are not merged
-        word_counts = Counter(chain.from_iterable(map(pretokenize, chunks)))
-        merges = learn_merges(word_counts, n_merges, first_id=len(vocab))
-        for (a, b), n in merges.items():
-            vocab[n] = vocab[a] + vocab[b]
-        self._build(vocab, merges)
+# %% ../nbs/02b_bpe.ipynb #a34506f0
+@patch
+def train(
+    self: BPETokenizerSimple,
+    text: str,                                     # the training text
+    vocab_size: int,                               # 256 bytes + special tokens + merges
+    allowed_special=frozenset({'<|endoftext|>'}),  # special tokens to add to the vocabulary
+) -> None:
+    "Learn a vocabulary of `vocab_size` tokens (fewer if `text` runs out of pairs) from `text`."
+    specials = sorted(set(allowed_special or ()))
+    if '' in specials:
+        raise ValueError('A special token cannot be the empty string')
+    n_merges = vocab_size - 256 - len(specials)
+    if n_merges < 0:
+        raise ValueError(f'vocab_size={vocab_size} is too small: it must hold 256 bytes and {len(specials)} special tokens')
+    text = _fix_surrogates(text)
+    vocab = dict(enumerate(bytes_to_unicode().values()))
+    for t in specials:
+        vocab[len(vocab)] = t
+    chunks = _special_regex(frozenset(specials)).split(text)[::2] if specials else [text]  # special tokens are not merged
+    word_counts = Counter(chain.from_iterable(map(pretokenize, chunks)))
+    merges = learn_merges(word_counts, n_merges, first_id=len(vocab))
+    for (a, b), n in merges.items():
+        vocab[n] = vocab[a] + vocab[b]
+    self._build(vocab, merges)
 
-    def _encode_piece(self, piece: str) -> tuple[int, ...]:
-        "The token ids of one pre-token: itself if it is a token, else its bytes merged by rank."
-        b = piece.encode('utf-8')
-        i = self._piece_ids.get(b)
-        if i is not None:
-            return (i,)
-        return tuple(apply_merges(list(map(self._byte_ids.__getitem__, b)), self._ranks))
+# %% ../nbs/02b_bpe.ipynb #413a196a
+@patch
+def _encode_piece(self: BPETokenizerSimple, piece: str) -> tuple[int, ...]:
+    "The token ids of one pre-token: itself if it is a token, else its bytes merged by rank."
+    b = piece.encode('utf-8')
+    i = self._piece_ids.get(b)
+    if i is not None:
+        return (i,)
+    return tuple(apply_merges(list(map(self._byte_ids.__getitem__, b)), self._ranks))
 
-    def _encode_ordinary(self, text: str) -> list[int]:
-        "Token ids of `text`, treating special tokens' text as ordinary text."
-        return list(chain.from_iterable(map(self._cache.__getitem__, _GPT2_SPLIT.findall(text))))
+@patch
+def _encode_ordinary(self: BPETokenizerSimple, text: str) -> list[int]:
+    "Token ids of `text`, treating special tokens' text as ordinary text."
+    return list(chain.from_iterable(map(self._cache.__getitem__, _GPT2_SPLIT.findall(text))))
 
-    def encode(
-        self,
-        text: str,
-        allowed_special: Iterable[str] | str | None = frozenset(),  # special tokens to encode as their ids, or 'all'
-        disallowed_special: Iterable[str] | str = 'all',          # texts that raise ValueError; 'all': every special not allowed
-    ) -> list[int]:
-        "Token ids of `text`, with tiktoken's rules for special tokens."
-        allowed = set(self.special_tokens) if allowed_special == 'all' else set(allowed_special or ())
-        disallowed = set(self.special_tokens) - allowed if disallowed_special == 'all' else set(disallowed_special or ())
-        if disallowed and (m := _special_regex(frozenset(disallowed)).search(text)):
-            raise ValueError(f'The text contains the special token {m.group()!r}, which is not allowed: pass it in '
-                             f'allowed_special to encode it as a special token, or disallowed_special=() to encode it as text')
-        allowed &= set(self.special_tokens)  # like tiktoken, ignore allowed strings that are not special tokens
+# %% ../nbs/02b_bpe.ipynb #2cadfc7e
+@patch
+def encode(
+    self: BPETokenizerSimple,
+    text: str,
+    allowed_special: Iterable[str] | str | None = frozenset(),  # special tokens to encode as their ids, or 'all'
+    disallowed_special: Iterable[str] | str = 'all',          # texts that raise ValueError; 'all': every special not allowed
+) -> list[int]:
+    "Token ids of `text`, with tiktoken's rules for special tokens."
+    allowed = set(self.special_tokens) if allowed_special == 'all' else set(allowed_special or ())
+    disallowed = set(self.special_tokens) - allowed if disallowed_special == 'all' else set(disallowed_special or ())
+    if disallowed and (m := _special_regex(frozenset(disallowed)).search(text)):
+        raise ValueError(f'The text contains the special token {m.group()!r}, which is not allowed: pass it in '
+                         f'allowed_special to encode it as a special token, or disallowed_special=() to encode it as text')
+    allowed &= set(self.special_tokens)  # like tiktoken, ignore allowed strings that are not special tokens
+    try:
+        return self._encode_with_specials(text, allowed)
+    except UnicodeEncodeError:  # lone surrogates
+        return self._encode_with_specials(_fix_surrogates(text), allowed)
+
+@patch
+def _encode_with_specials(self: BPETokenizerSimple, text: str, allowed: set[str]) -> list[int]:
+    "Encode the text between allowed special tokens ordinarily and each special token as its id."
+    if not allowed:
+        return self._encode_ordinary(text)
+    ids = []
+    for k, part in enumerate(_special_regex(frozenset(allowed)).split(text)):
+        if k % 2:
+            ids.append(self.special_tokens[part])
+        elif part:
+            ids += self._encode_ordinary(part)
+    return ids
+
+# %% ../nbs/02b_bpe.ipynb #83501de5
+@patch
+def decode(self: BPETokenizerSimple, token_ids: Iterable[int]) -> str:
+    "The text of `token_ids`; bytes that are not valid UTF-8 become U+FFFD."
+    if not isinstance(token_ids, (list, tuple)):
+        token_ids = list(token_ids)
+    try:
+        data = b''.join(map(self._id_bytes.__getitem__, token_ids))
+    except (KeyError, TypeError):
+        token_ids = [int(i) for i in token_ids]  # e.g. the elements of a tensor
+        bad = [i for i in token_ids if i not in self._id_bytes]
+        if bad:
+            raise ValueError(f'Token ID {bad[0]} not found in vocab') from None
+        data = b''.join(map(self._id_bytes.__getitem__, token_ids))
+    return data.decode('utf-8', errors='replace')
+
+# %% ../nbs/02b_bpe.ipynb #10007ea3
+@patch
+def save_vocab_and_merges(self: BPETokenizerSimple, vocab_path: str | Path, bpe_merges_path: str | Path) -> None:
+    "Write the vocabulary (JSON: id -> token) and the merges (JSON list, in order) to two files."
+    with atomic_write(vocab_path, 'w', encoding='utf-8') as f:
+        json.dump({str(i): t for i, t in self.vocab.items()}, f, ensure_ascii=False, indent=2)
+    with atomic_write(bpe_merges_path, 'w', encoding='utf-8') as f:
+        json.dump([{'pair': list(p), 'new_id': n} for p, n in self.bpe_merges.items()], f, indent=2)
+
+@patch
+def load_vocab_and_merges(self: BPETokenizerSimple, vocab_path: str | Path, bpe_merges_path: str | Path) -> None:
+    "Load the files written by `save_vocab_and_merges`."
+    vocab = json.loads(Path(vocab_path).read_text(encoding='utf-8'))
+    merges = json.loads(Path(bpe_merges_path).read_text(encoding='utf-8'))
+    try:
+        self._build({int(i): t for i, t in vocab.items()}, {(m['pair'][0], m['pair'][1]): m['new_id'] for m in merges})
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f'{bpe_merges_path}: expected a list of {{"pair": [id, id], "new_id": id}}') from e
+
+# %% ../nbs/02b_bpe.ipynb #550e3c14
+@patch
+def load_vocab_and_merges_from_openai(self: BPETokenizerSimple, vocab_path: str | Path, bpe_merges_path: str | Path) -> None:
+    "Load OpenAI's GPT-2 files: `encoder.json` (token -> id) and `vocab.bpe` (one merge per line)."
+    encoder = json.loads(Path(vocab_path).read_text(encoding='utf-8'))
+    lines = Path(bpe_merges_path).read_text(encoding='utf-8').splitlines()
+    if lines and lines[0].startswith('#version'):
+        lines = lines[1:]
+    merges = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            return self._encode_with_specials(text, allowed)
-        except UnicodeEncodeError:  # lone surrogates
-            return self._encode_with_specials(_fix_surrogates(text), allowed)
-
-    def _encode_with_specials(self, text: str, allowed: set[str]) -> list[int]:
-        "Encode the text between allowed special tokens ordinarily and each special token as its id."
-        if not allowed:
-            return self._encode_ordinary(text)
-        ids = []
-        for k, part in enumerate(_special_regex(frozenset(allowed)).split(text)):
-            if k % 2:
-                ids.append(self.special_tokens[part])
-            elif part:
-                ids += self._encode_ordinary(part)
-        return ids
-
-    def decode(self, token_ids: Iterable[int]) -> str:
-        "The text of `token_ids`; bytes that are not valid UTF-8 become U+FFFD."
-        if not isinstance(token_ids, (list, tuple)):
-            token_ids = list(token_ids)
-        try:
-            data = b''.join(map(self._id_bytes.__getitem__, token_ids))
-        except (KeyError, TypeError):
-            token_ids = [int(i) for i in token_ids]  # e.g. the elements of a tensor
-            bad = [i for i in token_ids if i not in self._id_bytes]
-            if bad:
-                raise ValueError(f'Token ID {bad[0]} not found in vocab') from None
-            data = b''.join(map(self._id_bytes.__getitem__, token_ids))
-        return data.decode('utf-8', errors='replace')
-
-    def save_vocab_and_merges(self, vocab_path: str | Path, bpe_merges_path: str | Path) -> None:
-        "Write the vocabulary (JSON: id -> token) and the merges (JSON list, in order) to two files."
-        with atomic_write(vocab_path, 'w', encoding='utf-8') as f:
-            json.dump({str(i): t for i, t in self.vocab.items()}, f, ensure_ascii=False, indent=2)
-        with atomic_write(bpe_merges_path, 'w', encoding='utf-8') as f:
-            json.dump([{'pair': list(p), 'new_id': n} for p, n in self.bpe_merges.items()], f, indent=2)
-
-    def load_vocab_and_merges(self, vocab_path: str | Path, bpe_merges_path: str | Path) -> None:
-        "Load the files written by `save_vocab_and_merges`."
-        vocab = json.loads(Path(vocab_path).read_text(encoding='utf-8'))
-        merges = json.loads(Path(bpe_merges_path).read_text(encoding='utf-8'))
-        try:
-            self._build({int(i): t for i, t in vocab.items()}, {(m['pair'][0], m['pair'][1]): m['new_id'] for m in merges})
-        except (KeyError, TypeError, IndexError) as e:
-            raise ValueError(f'{bpe_merges_path}: expected a list of {{"pair": [id, id], "new_id": id}}') from e
-
-    def load_vocab_and_merges_from_openai(self, vocab_path: str | Path, bpe_merges_path: str | Path) -> None:
-        "Load OpenAI's GPT-2 files: `encoder.json` (token -> id) and `vocab.bpe` (one merge per line)."
-        encoder = json.loads(Path(vocab_path).read_text(encoding='utf-8'))
-        lines = Path(bpe_merges_path).read_text(encoding='utf-8').splitlines()
-        if lines and lines[0].startswith('#version'):
-            lines = lines[1:]
-        merges = {}
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                a, b = line.split()
-                merges[(encoder[a], encoder[b])] = encoder[a + b]
-            except (ValueError, KeyError) as e:
-                raise ValueError(f'{bpe_merges_path}, merge {n}: {line!r} is not two tokens of {vocab_path} whose join is one') from e
-        self._build({i: t for t, i in encoder.items()}, merges)
+            a, b = line.split()
+            merges[(encoder[a], encoder[b])] = encoder[a + b]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f'{bpe_merges_path}, merge {n}: {line!r} is not two tokens of {vocab_path} whose join is one') from e
+    self._build({i: t for t, i in encoder.items()}, merges)

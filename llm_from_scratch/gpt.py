@@ -87,7 +87,7 @@ class FeedForward(nn.Module):
 GPT_CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
 
 def check_gpt_config(
-    cfg: dict,  # a GPT config such as `GPT_CONFIG_124M`
+    cfg: dict,  # a GPT config such as GPT_CONFIG_124M
 ) -> dict:      # the same config, if valid
     "Raise a `ValueError` naming the key when `cfg` lacks a key or holds an impossible value."
     missing = [k for k in GPT_CONFIG_KEYS if k not in cfg]
@@ -109,7 +109,7 @@ class TransformerBlock(nn.Module):
     "GPT-2's pre-LayerNorm block: x + attention(norm1(x)), then x + feed-forward(norm2(x)), with dropout on each branch."
     def __init__(
         self,
-        cfg: dict,  # a GPT config such as `GPT_CONFIG_124M`
+        cfg: dict,  # a GPT config such as GPT_CONFIG_124M
     ):
         super().__init__()
         check_gpt_config(cfg)
@@ -149,7 +149,7 @@ class GPTModel(nn.Module):
     "GPT-2: token and position embeddings, `n_layers` transformer blocks, a final LayerNorm and a linear output head."
     def __init__(
         self,
-        cfg: dict,  # a GPT config such as `GPT_CONFIG_124M`; optional key "attn_impl" ('book' or 'sdpa')
+        cfg: dict,  # a GPT config such as GPT_CONFIG_124M; optional key "attn_impl" ('book' or 'sdpa')
     ):
         super().__init__()
         self.cfg = dict(check_gpt_config(cfg))
@@ -191,7 +191,7 @@ def generate_text_simple(
     model: nn.Module,        # called as model(idx) -> logits (b, T, vocab_size)
     idx: torch.Tensor,       # prompt token ids, (b, T)
     max_new_tokens: int,     # number of tokens to add
-    context_size: int,       # the most tokens the model may see; longer inputs keep their last `context_size`
+    context_size: int,       # the most tokens the model may see; longer inputs keep their last context_size
 ) -> torch.Tensor:           # prompt plus new tokens, (b, T + max_new_tokens)
     "Extend `idx` greedily, one most-likely token at a time."
     for _ in range(max_new_tokens):

@@ -40,7 +40,7 @@ class SimpleTokenizerV1:
     "The book's first tokenizer: `split_words` and a fixed vocabulary; a word outside it is an error."
     _space_before = re.compile(r'\s+([,.?!"()\'])')  # the join's space before these marks is removed when decoding
 
-    def __init__(self, vocab: dict[str, int]):  # token -> id, as from `build_vocab`
+    def __init__(self, vocab: dict[str, int]):  # token -> id, as from build_vocab
         if len(set(vocab.values())) != len(vocab):
             raise ValueError('vocab gives two tokens the same id')
         self.str_to_int = vocab
@@ -95,9 +95,9 @@ class GPTDatasetV1(Dataset):
     def __init__(
         self,
         txt: str,         # the training text
-        tokenizer,        # has tiktoken's `encode(text, allowed_special=...)`, e.g. tiktoken.get_encoding('gpt2')
+        tokenizer,        # has tiktoken's encode(text, allowed_special=...), e.g. tiktoken.get_encoding('gpt2')
         max_length: int,  # tokens per input (the context length)
-        stride: int,      # tokens the window moves between samples; `max_length` for no overlap
+        stride: int,      # tokens the window moves between samples; max_length for no overlap
     ):
         max_length, stride = _positive_int('max_length', max_length), _positive_int('stride', stride)
         token_ids = tokenizer.encode(txt, allowed_special={'<|endoftext|>'})
