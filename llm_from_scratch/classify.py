@@ -130,7 +130,7 @@ def _line_list(numbers: list[int], most: int = 10) -> str:
     return shown + (f' and {len(numbers) - most} more' if len(numbers) > most else '')
 
 def read_labeled_tsv(
-    path: str | Path,                   # a UTF-8 file of `label<TAB>text` lines
+    path: str | Path,                   # a UTF-8 file of label<TAB>text lines
     labels: Sequence[str] = SPAM_LABELS,  # the allowed labels
 ):                                      # pandas data frame with columns Label (as written) and Text
     "Read `label<TAB>text` lines; a ValueError lists the line numbers of unknown labels, lines without a tab and empty texts."
@@ -214,9 +214,9 @@ def load_shakespeare_gpt(
     steps: int = 300,               # optimizer steps of 8 windows of context_length tokens
     cfg: dict | None = None,        # the model's config; None: SHAKESPEARE_GPT_CONFIG
     run_dir: str | Path | None = None,  # the run's folder; None: data_home()/'checkpoints'/'ch06-tinyshakespeare-{steps}'
-    device=None,                    # where to train (None: `get_device()`); the model is returned on the CPU
+    device=None,                    # where to train (None: get_device()); the model is returned on the CPU
     progress: bool = False,         # show the trainer's progress bar
-    **train_options,                # other `TrainConfig` fields, e.g. lr or eval_batches
+    **train_options,                # other TrainConfig fields, e.g. lr or eval_batches
 ) -> GPTModel:                      # the pretrained model, in eval mode
     "A small GPT pretrained on Tiny Shakespeare by the trainer: loaded from `run_dir` if the run is there, else trained first."
     cfg = dict(cfg or SHAKESPEARE_GPT_CONFIG)
@@ -244,7 +244,7 @@ def load_shakespeare_gpt(
 # %% ../nbs/06_classify.ipynb #849b132c
 def load_base_model(
     base,                           # 'gpt2-124m' (or another GPT-2 name), a weights file or folder, a trainer checkpoint, or a GPTModel
-    device=None,                    # where the model goes (None: `get_device()`)
+    device=None,                    # where the model goes (None: get_device())
     drop_rate: float | None = 0.0,  # dropout while fine-tuning (the book's 0.0); None: keep the base's
 ) -> GPTModel:
     "The GPT to fine-tune: OpenAI's GPT-2 by name or from files, or a checkpoint written by the package's trainer."
@@ -271,7 +271,7 @@ def load_base_model(
 
 # %% ../nbs/06_classify.ipynb #9bf67751
 def add_classification_head(
-    model: nn.Module,                  # a GPT-like model with `out_head`, `trf_blocks` and `final_norm`
+    model: nn.Module,                  # a GPT-like model with out_head, trf_blocks and final_norm
     num_classes: int = 2,              # outputs of the new head
     trainable_blocks: int | None = 1,  # train the last this many blocks, the final norm and the head; None: all parameters
 ) -> nn.Module:                        # the same model, changed in place
@@ -329,7 +329,7 @@ def calc_accuracy_loader(
     model: nn.Module,
     device,
     num_batches: int | None = None, # the first this many batches; None: all
-    last_token: str = 'non_pad',    # see `last_token_logits`
+    last_token: str = 'non_pad',    # see last_token_logits
     pad_token_id: int = 50256,
 ) -> float:                         # share of correct predictions
     "The classifier's accuracy on (the first `num_batches` batches of) `data_loader`."
@@ -356,7 +356,7 @@ def calc_classification_loss_batch(
     target_batch: torch.Tensor,  # class labels, (b,)
     model: nn.Module,
     device,
-    last_token: str = 'non_pad', # see `last_token_logits`
+    last_token: str = 'non_pad', # see last_token_logits
     pad_token_id: int = 50256,
 ) -> torch.Tensor:               # scalar: mean cross-entropy over the b examples
     "Cross-entropy of the classification scores against the labels (the book's chapter-6 `calc_loss_batch`)."
@@ -404,6 +404,7 @@ def evaluate_classifier(
     model.train()
     return train_loss, val_loss
 
+# %% ../nbs/06_classify.ipynb #f9f1d11e
 def train_classifier_simple(
     model: nn.Module,
     train_loader,
@@ -411,9 +412,9 @@ def train_classifier_simple(
     optimizer: torch.optim.Optimizer,
     device,
     num_epochs: int,
-    eval_freq: int,               # evaluate the losses every `eval_freq` optimizer steps (and at step 0)
+    eval_freq: int,               # evaluate the losses every eval_freq optimizer steps (and at step 0)
     eval_iter: int,               # batches per evaluation, and for the accuracies after each epoch
-    last_token: str = 'non_pad',  # see `last_token_logits`
+    last_token: str = 'non_pad',  # see last_token_logits
     pad_token_id: int = 50256,
 ) -> tuple[list[float], list[float], list[float], list[float], int]:  # train/val losses, train/val accuracies, examples seen
     "The book's classification fine-tuning loop: AdamW steps, losses every `eval_freq` steps, accuracies every epoch."
@@ -495,7 +496,7 @@ def class_probabilities(
     device=None,                    # None: the model's device
     max_length: int | None = None,  # pad (and truncate) to this many tokens; None: no padding
     pad_token_id: int = 50256,
-    last_token: str = 'non_pad',    # see `last_token_logits`
+    last_token: str = 'non_pad',    # see last_token_logits
 ) -> torch.Tensor:                  # (num_classes,)
     "The classifier's probability for each class of `text`; a text longer than the context is truncated to it."
     if not isinstance(text, str) or not text.strip():
@@ -520,7 +521,7 @@ def classify_review(
     device,
     max_length: int | None = None,  # pad (and truncate) to this many tokens, e.g. the training set's; None: no padding
     pad_token_id: int = 50256,
-    last_token: str = 'non_pad',    # see `last_token_logits`
+    last_token: str = 'non_pad',    # see last_token_logits
 ) -> str:                           # 'spam' or 'not spam'
     "Classify one text as the book does: 'spam' when class 1 has the larger score."
     probas = class_probabilities(text, model, tokenizer, device, max_length, pad_token_id, last_token)
@@ -528,10 +529,10 @@ def classify_review(
     return "spam" if predicted_label == 1 else "not spam"
 
 def classify_text(
-    model: nn.Module,          # a classifier, e.g. from `load_classifier`
+    model: nn.Module,          # a classifier, e.g. from load_classifier
     text: str,
     tokenizer=None,            # default: GPT-2's
-    meta: dict | None = None,  # `load_classifier`'s settings: labels, max_length, last_token, pad_token_id
+    meta: dict | None = None,  # load_classifier's settings: labels, max_length, last_token, pad_token_id
     device=None,               # None: the model's device
 ) -> tuple[str, float]:        # (label, its probability)
     "The most probable label of `text` and its probability."
@@ -546,7 +547,7 @@ def classify_text(
 # %% ../nbs/06_classify.ipynb #1e197bd7
 def save_classifier(
     model: nn.Module,                     # a GPTModel whose out_head has one output per label
-    path: str | Path,                     # the folder (the trainer's layout: step-N/ and a `latest` file)
+    path: str | Path,                     # the folder (the trainer's layout: step-N/ and a latest file)
     labels: Sequence[str] = SPAM_LABELS,  # class names, by label id
     max_length: int | None = None,        # the training texts' padded length (new texts are cut to it)
     last_token: str = 'non_pad',          # the position the classifier was trained on
@@ -572,8 +573,8 @@ def save_classifier(
     return save_checkpoint(path, model, {'step': step}, {'model': cfg, 'classifier': classifier, 'info': info or {}})
 
 def load_classifier(
-    path: str | Path,  # a folder written by `save_classifier`, or one of its step-N folders
-    device=None,       # where the model goes (None: `get_device()`)
+    path: str | Path,  # a folder written by save_classifier, or one of its step-N folders
+    device=None,       # where the model goes (None: get_device())
 ) -> tuple[GPTModel, object, dict]:  # (model in eval mode, tokenizer, settings: labels, max_length, last_token, pad_token_id, ...)
     "Load a saved classifier, checking its files, with its tokenizer and the settings to classify new texts."
     ckpt = find_checkpoint(path)
@@ -603,6 +604,7 @@ def _blocks(value: str) -> int | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'all' or a number of blocks, not {value!r}") from None
 
+# %% ../nbs/06_classify.ipynb #7add7b14
 def add_cli_parser(sub) -> None:
     "Add the `finetune-classifier` and `classify` subcommands to the subparsers of `llm-from-scratch`."
     p = sub.add_parser('finetune-classifier', help='fine-tune a GPT into a ham/spam classifier (chapter 6, appendix E)',
@@ -637,6 +639,7 @@ def add_cli_parser(sub) -> None:
     c.add_argument('--device', default='cpu', help='cpu (default), cuda, cuda:N or mps')
     c.set_defaults(func=cmd_classify)
 
+# %% ../nbs/06_classify.ipynb #dfa7f75c
 def cmd_finetune_classifier(args) -> int:
     "`llm-from-scratch finetune-classifier`: fine-tune, report the accuracies, save."
     from llm_from_scratch.cli import CLIError  # imported here: the CLI imports this module
@@ -673,6 +676,7 @@ def cmd_finetune_classifier(args) -> int:
     print(path if args.quiet else f'try: llm-from-scratch classify {path.parent} "Call now to claim your prize"')
     return 0
 
+# %% ../nbs/06_classify.ipynb #f3b5ec2f
 def cmd_classify(args) -> int:
     "`llm-from-scratch classify CHECKPOINT TEXT`: print the label and its probability."
     from llm_from_scratch.cli import CLIError
