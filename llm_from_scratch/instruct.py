@@ -420,7 +420,7 @@ def _check_sft_settings(
         raise ValueError(f'lr must be positive, not {lr}')
 
 def _load_entries(
-    data: str | Path | list | None,  # a JSON file, the entries themselves, or None: the book's data
+    data: str | Path | list | None,  # a JSON file, the entries, or None: the book's data
 ) -> list[dict]:
     "The instruction entries that `data` names."
     if isinstance(data, list):
@@ -439,10 +439,11 @@ def _sft_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     "The training loader (shuffled, whole batches only) and the validation loader."
     torch.manual_seed(seed)
-    train_loader = DataLoader(InstructionDataset(train_data, tokenizer, mask_instruction=mask_instruction),
-                              batch_size=batch_size, collate_fn=collate, shuffle=True, drop_last=True)
-    val_loader = DataLoader(InstructionDataset(val_data, tokenizer, mask_instruction=mask_instruction),
-                            batch_size=batch_size, collate_fn=collate)
+    train_set = InstructionDataset(train_data, tokenizer, mask_instruction=mask_instruction)
+    val_set = InstructionDataset(val_data, tokenizer, mask_instruction=mask_instruction)
+    train_loader = DataLoader(train_set, batch_size=batch_size, collate_fn=collate,
+                              shuffle=True, drop_last=True)
+    val_loader = DataLoader(val_set, batch_size=batch_size, collate_fn=collate)
     return train_loader, val_loader
 
 def _sft_names(
@@ -462,8 +463,8 @@ def _sft_names(
 
 # %% ../nbs/07_instruct.ipynb #66c3b3c8
 def finetune_instruct(
-    base,                              # a GPT-2 name such as 'gpt2-355m', a trainer checkpoint folder, or a GPTModel
-    data: str | Path | list | None = None,  # a JSON file of instruction entries, or the entries; None: the book's data
+    base,                              # a GPT-2 name ('gpt2-355m'), a checkpoint folder or a GPTModel
+    data: str | Path | list | None = None,  # a JSON file, or the entries; None: the book's data
     epochs: int = 2,                   # passes over the training entries (the book's 2)
     lr: float = 5e-5,                  # AdamW's learning rate (the book's)
     batch_size: int = 8,
@@ -482,8 +483,8 @@ def finetune_instruct(
     entries = _load_entries(data)
     train_data, test_data, val_data = split_instruction_data(entries)
     if len(train_data) < batch_size or not val_data:
-        raise ValueError(f'{len(entries)} entries are too few: the 85% for training must fill a batch of {batch_size} '
-                         'and the 5% for validation must not be empty')
+        raise ValueError(f'{len(entries)} entries are too few: the 85% for training must fill '
+                         f'a batch of {batch_size} and the 5% for validation must not be empty')
     model = load_base_model(base, device, drop_rate=0.0)
     device = next(model.parameters()).device
     cfg = dict(getattr(model, 'cfg', None) or {})
@@ -508,7 +509,8 @@ def finetune_instruct(
            'allowed_max_length': allowed_max_length, 'mask_instruction': mask_instruction,
            'train_losses': train_losses, 'val_losses': val_losses, 'tokens_seen': tokens_seen,
            'minutes': (time.time() - start_time) / 60}
-    path = save_checkpoint(out_dir, model, {'step': steps}, {'model': cfg, 'tokenizer': 'gpt2', 'sft': sft})
+    path = save_checkpoint(out_dir, model, {'step': steps},
+                           {'model': cfg, 'tokenizer': 'gpt2', 'sft': sft})
     if not quiet:
         print(f"Saved {path} after {steps} steps in {sft['minutes']:.2f} minutes")
     return path
