@@ -405,15 +405,71 @@ def exact_match(
     matches = sum(normalize_answer(entry[json_key]) == normalize_answer(entry['output']) for entry in short)
     return {'entries': len(short), 'matches': matches, 'accuracy': matches / len(short)}
 
-# %% ../nbs/07_instruct.ipynb #63d90a1d
+# %% ../nbs/07_instruct.ipynb #8971d1b9
+def _check_sft_settings(
+    epochs: int,
+    batch_size: int,
+    lr: float,
+) -> None:
+    "Refuse a number of epochs, a batch size or a learning rate that cannot train, naming it."
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f'epochs must be a positive integer, not {epochs!r}')
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f'batch_size must be a positive integer, not {batch_size!r}')
+    if lr <= 0:
+        raise ValueError(f'lr must be positive, not {lr}')
+
+def _load_entries(
+    data: str | Path | list | None,  # a JSON file, the entries, or None: the book's data
+) -> list[dict]:
+    "The instruction entries that `data` names."
+    if isinstance(data, list):
+        return data
+    return download_and_load_file(data) if data is not None else download_and_load_file()
+
+# %% ../nbs/07_instruct.ipynb #86d16747
+def _sft_loaders(
+    train_data: list[dict],
+    val_data: list[dict],
+    tokenizer,
+    collate: Callable,       # custom_collate_fn with the device and length fixed
+    batch_size: int,
+    mask_instruction: bool,
+    seed: int,               # seeds the shuffling of the training entries
+) -> tuple[DataLoader, DataLoader]:
+    "The training loader (shuffled, whole batches only) and the validation loader."
+    torch.manual_seed(seed)
+    train_set = InstructionDataset(train_data, tokenizer, mask_instruction=mask_instruction)
+    val_set = InstructionDataset(val_data, tokenizer, mask_instruction=mask_instruction)
+    train_loader = DataLoader(train_set, batch_size=batch_size, collate_fn=collate,
+                              shuffle=True, drop_last=True)
+    val_loader = DataLoader(val_set, batch_size=batch_size, collate_fn=collate)
+    return train_loader, val_loader
+
+def _sft_names(
+    base,                            # as finetune_instruct takes it
+    data: str | Path | list | None,  # as finetune_instruct takes it
+    entries: list[dict],             # the entries data gave
+) -> tuple[str, str, str]:           # (folder name, base as recorded, data as recorded)
+    "How the checkpoint names its base model and its data."
+    named = isinstance(base, (str, Path))
+    name = Path(str(base)).name if named else 'model'
+    base_name = str(base) if named else type(base).__name__
+    if isinstance(data, (str, Path)):
+        data_name = str(data)
+    else:
+        data_name = 'instruction-data' if data is None else f'{len(entries)} entries'
+    return name, base_name, data_name
+
+# %% ../nbs/07_instruct.ipynb #66c3b3c8
 def finetune_instruct(
-    base,                              # a GPT-2 name such as 'gpt2-355m', a trainer checkpoint folder, or a GPTModel
-    data: str | Path | list | None = None,  # a JSON file of instruction entries, or the entries; None: the book's data
+    base,                              # a GPT-2 name ('gpt2-355m'), a checkpoint folder or a GPTModel
+    data: str | Path | list | None = None,  # a JSON file, or the entries; None: the book's data
     epochs: int = 2,                   # passes over the training entries (the book's 2)
     lr: float = 5e-5,                  # AdamW's learning rate (the book's)
     batch_size: int = 8,
     out_dir: str | Path | None = None, # where to save; None: data_home()/'checkpoints'/'<base>-sft'
-    device=None,                       # None: `get_device()`
+    device=None,                       # None: get_device()
     seed: int = 123,
     allowed_max_length: int | None = None,  # None: the model's context length
     mask_instruction: bool = False,    # leave the prompts out of the loss (exercise 7.2)
@@ -422,18 +478,13 @@ def finetune_instruct(
     quiet: bool = False,               # no training log
 ) -> Path:                             # the saved checkpoint folder
     "Instruction-tune a GPT on Alpaca-formatted entries and save it as a trainer checkpoint."
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f'epochs must be a positive integer, not {epochs!r}')
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f'batch_size must be a positive integer, not {batch_size!r}')
-    if lr <= 0:
-        raise ValueError(f'lr must be positive, not {lr}')
+    _check_sft_settings(epochs, batch_size, lr)
     start_time = time.time()
-    entries = data if isinstance(data, list) else download_and_load_file(data) if data is not None else download_and_load_file()
+    entries = _load_entries(data)
     train_data, test_data, val_data = split_instruction_data(entries)
     if len(train_data) < batch_size or not val_data:
-        raise ValueError(f'{len(entries)} entries are too few: the 85% for training must fill a batch of {batch_size} '
-                         'and the 5% for validation must not be empty')
+        raise ValueError(f'{len(entries)} entries are too few: the 85% for training must fill '
+                         f'a batch of {batch_size} and the 5% for validation must not be empty')
     model = load_base_model(base, device, drop_rate=0.0)
     device = next(model.parameters()).device
     cfg = dict(getattr(model, 'cfg', None) or {})
@@ -443,30 +494,28 @@ def finetune_instruct(
     allowed_max_length = context if allowed_max_length is None else min(allowed_max_length, context)
     tokenizer = tiktoken.get_encoding('gpt2')
     collate = functools.partial(custom_collate_fn, device=device, allowed_max_length=allowed_max_length)
-    torch.manual_seed(seed)
-    train_loader = DataLoader(InstructionDataset(train_data, tokenizer, mask_instruction=mask_instruction),
-                              batch_size=batch_size, collate_fn=collate, shuffle=True, drop_last=True)
-    val_loader = DataLoader(InstructionDataset(val_data, tokenizer, mask_instruction=mask_instruction),
-                            batch_size=batch_size, collate_fn=collate)
+    train_loader, val_loader = _sft_loaders(train_data, val_data, tokenizer, collate, batch_size,
+                                            mask_instruction, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         train_losses, val_losses, tokens_seen = train_model_simple(
-            model, train_loader, val_loader, optimizer, device, num_epochs=epochs, eval_freq=eval_freq, eval_iter=eval_iter,
-            start_context=format_input(val_data[0]), tokenizer=tokenizer)
-    name = Path(str(base)).name if isinstance(base, (str, Path)) else 'model'
+            model, train_loader, val_loader, optimizer, device, num_epochs=epochs, eval_freq=eval_freq,
+            eval_iter=eval_iter, start_context=format_input(val_data[0]), tokenizer=tokenizer)
+    name, base_name, data_name = _sft_names(base, data, entries)
     out_dir = Path(out_dir) if out_dir is not None else data_home()/'checkpoints'/f'{name}-sft'
     steps = epochs * len(train_loader)
-    sft = {'base': str(base) if isinstance(base, (str, Path)) else type(base).__name__,
-           'data': str(data) if isinstance(data, (str, Path)) else 'instruction-data' if data is None else f'{len(entries)} entries',
+    sft = {'base': base_name, 'data': data_name,
            'prompt_style': 'alpaca', 'epochs': epochs, 'lr': lr, 'batch_size': batch_size, 'seed': seed,
            'allowed_max_length': allowed_max_length, 'mask_instruction': mask_instruction,
            'train_losses': train_losses, 'val_losses': val_losses, 'tokens_seen': tokens_seen,
            'minutes': (time.time() - start_time) / 60}
-    path = save_checkpoint(out_dir, model, {'step': steps}, {'model': cfg, 'tokenizer': 'gpt2', 'sft': sft})
+    path = save_checkpoint(out_dir, model, {'step': steps},
+                           {'model': cfg, 'tokenizer': 'gpt2', 'sft': sft})
     if not quiet:
         print(f"Saved {path} after {steps} steps in {sft['minutes']:.2f} minutes")
     return path
 
+# %% ../nbs/07_instruct.ipynb #2556affb
 def add_finetune_options(
     p: argparse.ArgumentParser,  # a fine-tuning subcommand's parser
     epochs: int,                 # the default number of epochs
@@ -485,7 +534,7 @@ def add_finetune_options(
     p.add_argument('--quiet', action='store_true', help='no training log')
 
 def check_finetune_options(
-    args: argparse.Namespace,  # parsed by a parser with `add_finetune_options` and a --data option
+    args: argparse.Namespace,  # parsed by a parser with add_finetune_options and a --data option
     data_what: str,            # the data's name for the message, e.g. 'instruction data'
     **positive,                # more options that must be positive, by name (e.g. beta=args.beta)
 ) -> None:
@@ -500,6 +549,7 @@ def check_finetune_options(
     if args.data is not None and not Path(args.data).is_file():
         raise CLIError(f'{args.data}: no such {data_what} file')
 
+# %% ../nbs/07_instruct.ipynb #e93d42ce
 def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     "Run `finetune_instruct` with the command line's settings."
     from llm_from_scratch.cli import CLIError  # imported here: the CLI imports this module
