@@ -211,3 +211,11 @@ def test_notebook_test_and_bench_imports_are_declared():
     declared = _declared('requirements') | _declared('dev_requirements') | _declared('tf_requirements')
     missing = _undeclared(srcs, declared)
     assert not missing, f'imported but not declared in settings.ini: {missing}'
+
+
+def test_diagrams_are_laid_out_top_down():
+    "A left-to-right flowchart is scaled down to the column, its labels to 7-9 px; top-down ones keep body-text size."
+    for p in book_report.pages():
+        for c in json.loads(p.read_text())['cells']:
+            for kind in re.findall(r'```\{mermaid\}\s*\n\s*(?:%%.*\n\s*)*(\w+\s+\w+)', ''.join(c['source'])):
+                assert kind.split()[0] != 'flowchart' or kind.split()[1] in ('TD', 'TB'), f'{p.name}: {kind}'
