@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 from .core import download, register
@@ -27,8 +28,8 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 
 def gemma3_layer_types(
     n_layers: int,            # transformer blocks
-    global_every: int = 6,    # every `global_every`-th layer is global, the others slide
-) -> list[str]:               # one of `LAYER_TYPES` per layer
+    global_every: int = 6,    # every global_every-th layer is global, the others slide
+) -> list[str]:               # one of LAYER_TYPES per layer
     "Gemma 3's interleaving: five sliding-window layers, then one global layer, repeated."
     return ["full_attention" if (i + 1) % global_every == 0 else "sliding_attention" for i in range(n_layers)]
 
@@ -71,7 +72,7 @@ GEMMA3_CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_l
                       "n_kv_groups", "rope_local_base", "rope_base", "sliding_window", "layer_types", "dtype", "query_pre_attn_scalar")
 
 def check_gemma3_config(
-    cfg: dict,  # a Gemma 3 config such as `GEMMA3_CONFIG_270M`
+    cfg: dict,  # a Gemma 3 config such as GEMMA3_CONFIG_270M
 ) -> dict:      # the same config, if valid
     "Raise a `ValueError` naming the key when `cfg` lacks a key or holds an impossible value."
     missing = [k for k in GEMMA3_CONFIG_KEYS if k not in cfg]
@@ -96,7 +97,7 @@ class Gemma3Block(nn.Module):
     "Gemma 3's block: attention and GeGLU feed-forward, each with a norm before and after, added back to the input."
     def __init__(
         self,
-        cfg: dict,       # a Gemma 3 config such as `GEMMA3_CONFIG_270M`
+        cfg: dict,       # a Gemma 3 config such as GEMMA3_CONFIG_270M
         attn_type: str,  # 'sliding_attention' or 'full_attention'
     ):
         super().__init__()
@@ -135,18 +136,18 @@ class Gemma3Block(nn.Module):
         mask: torch.Tensor,  # bool, True where a query may not attend a key (this layer's: windowed or not)
         cos: torch.Tensor,   # RoPE cosines of this layer type's base, (T, head_dim) or (b, T, head_dim)
         sin: torch.Tensor,   # RoPE sines, same shape
-        cache=None,          # this layer's part of a `KVCache`
+        cache=None,          # this layer's part of a KVCache
     ) -> torch.Tensor:       # (b, T, emb_dim)
         "Attention and feed-forward sub-layers, each normalized before and after, and added back to its input."
         x = x + self.post_attention_layernorm(self.att(self.input_layernorm(x), mask, cos, sin, cache))  # (b, T, emb_dim)
         return x + self.post_feedforward_layernorm(self.ff(self.pre_feedforward_layernorm(x)))
 
-# %% ../nbs/11_gemma3.ipynb #be084130
+# %% ../nbs/11_gemma3.ipynb #13007745
 class Gemma3Model(nn.Module):
     "Gemma 3: scaled token embedding, sliding-window and global Gemma 3 blocks, a final RMSNorm and an output head."
     def __init__(
         self,
-        cfg: dict,  # a Gemma 3 config such as `GEMMA3_CONFIG_270M`
+        cfg: dict,  # a Gemma 3 config such as GEMMA3_CONFIG_270M
     ):
         super().__init__()
         self.cfg = dict(check_gemma3_config(cfg))
@@ -168,35 +169,37 @@ class Gemma3Model(nn.Module):
         "The book's name for `trf_blocks`."
         return self.trf_blocks
 
-    def forward(
-        self,
-        in_idx: torch.Tensor,  # token ids, (b, T)
-        cache=None,            # a `KVCache`; None: attend over `in_idx` only
-    ) -> torch.Tensor:         # logits, (b, T, vocab_size)
-        "Next-token logits at every position of `in_idx`."
-        b, T = in_idx.shape
-        window = self.cfg["sliding_window"]
-        if cache is None:
-            if T > self.cfg["context_length"]:
-                raise ValueError(f"The input has {T} tokens, more than the model's context_length of {self.cfg['context_length']}: "
-                                 f"crop it, e.g. idx[:, -{self.cfg['context_length']}:]")
-            pos = torch.arange(T, device=in_idx.device)                    # (T,)
-            mask_global = causal_mask(T, device=in_idx.device)             # (T, T)
-            mask_local = causal_mask(T, window=window, device=in_idx.device)
-        else:
-            pos = cache.positions(T)                                       # (T,) or (b, T): absolute positions of the new tokens
-            mask_global, mask_local = cache.mask(T), cache.mask(T, window)  # (1 or b, 1, T, offset + T)
-        x = self.tok_emb(in_idx)                                           # (b, T) -> (b, T, emb_dim)
-        x = x * torch.tensor(self.cfg["emb_dim"] ** 0.5, dtype=torch.float32).to(x.dtype)  # the factor rounded to the dtype
-        rope = {"sliding_attention": (mask_local, self.cos_local[pos].to(x.dtype), self.sin_local[pos].to(x.dtype)),
-                "full_attention": (mask_global, self.cos_global[pos].to(x.dtype), self.sin_global[pos].to(x.dtype))}
-        for i, block in enumerate(self.trf_blocks):
-            x = block(x, *rope[block.attn_type], None if cache is None else cache.layers[i])
-        x = self.final_norm(x)
-        logits = self.out_head(x)                                          # (b, T, emb_dim) -> (b, T, vocab_size)
-        if cache is not None:
-            cache.advance(T)
-        return logits
+# %% ../nbs/11_gemma3.ipynb #3a2b2f03
+@patch
+def forward(
+    self: Gemma3Model,
+    in_idx: torch.Tensor,  # token ids, (b, T)
+    cache=None,            # a KVCache; None: attend over in_idx only
+) -> torch.Tensor:         # logits, (b, T, vocab_size)
+    "Next-token logits at every position of `in_idx`."
+    b, T = in_idx.shape
+    window = self.cfg["sliding_window"]
+    if cache is None:
+        if T > self.cfg["context_length"]:
+            raise ValueError(f"The input has {T} tokens, more than the model's context_length of {self.cfg['context_length']}: "
+                             f"crop it, e.g. idx[:, -{self.cfg['context_length']}:]")
+        pos = torch.arange(T, device=in_idx.device)                    # (T,)
+        mask_global = causal_mask(T, device=in_idx.device)             # (T, T)
+        mask_local = causal_mask(T, window=window, device=in_idx.device)
+    else:
+        pos = cache.positions(T)                                       # (T,) or (b, T): absolute positions of the new tokens
+        mask_global, mask_local = cache.mask(T), cache.mask(T, window)  # (1 or b, 1, T, offset + T)
+    x = self.tok_emb(in_idx)                                           # (b, T) -> (b, T, emb_dim)
+    x = x * torch.tensor(self.cfg["emb_dim"] ** 0.5, dtype=torch.float32).to(x.dtype)  # the factor rounded to the dtype
+    rope = {"sliding_attention": (mask_local, self.cos_local[pos].to(x.dtype), self.sin_local[pos].to(x.dtype)),
+            "full_attention": (mask_global, self.cos_global[pos].to(x.dtype), self.sin_global[pos].to(x.dtype))}
+    for i, block in enumerate(self.trf_blocks):
+        x = block(x, *rope[block.attn_type], None if cache is None else cache.layers[i])
+    x = self.final_norm(x)
+    logits = self.out_head(x)                                          # (b, T, emb_dim) -> (b, T, vocab_size)
+    if cache is not None:
+        cache.advance(T)
+    return logits
 
 # %% ../nbs/11_gemma3.ipynb #d98c957e
 _GEMMA3_BLOCK = [("att.W_query", "self_attn.q_proj"), ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"),
@@ -234,7 +237,7 @@ def load_gemma3_tensors(
     tensors: dict[str, LazyTensor],      # the checkpoint's tensors by Hugging Face name
     where: str = "the Gemma 3 weights",  # what to call them in errors
     device=None,                         # where the parameters go (None: where the model's are; cpu for meta)
-) -> Gemma3Model:                        # `model`, loaded
+) -> Gemma3Model:                        # model, loaded
     "Load Hugging Face-named tensors into `model`, every parameter exactly once, or raise a `ValueError` and change nothing."
     tensors = _language_model_tensors(tensors)
     tie = "lm_head.weight" not in tensors    # Gemma 3 ties the head to the embedding
@@ -245,12 +248,12 @@ def load_weights_into_gemma(
     param_config: dict,  # the model's config (its 'n_layers' must match the model)
     params: dict,        # a Hugging Face state dict: tensor name -> tensor
     device=None,         # where the parameters go (None: where the model's are; cpu for meta)
-) -> Gemma3Model:        # `model`, loaded
+) -> Gemma3Model:        # model, loaded
     "The book's `load_weights_into_gemma`: a Hugging Face Gemma 3 state dict into our model, all of it or nothing."
     check_param_config(param_config, model)
     return load_gemma3_tensors(model, _state_dict_tensors(params, "params"), "the Gemma 3 state dict", device)
 
-# %% ../nbs/11_gemma3.ipynb #2093fecc
+# %% ../nbs/11_gemma3.ipynb #312476f4
 def gemma3_chat_text(
     messages: list[dict],               # {"role": "system" | "user" | "assistant", "content": str}; user and assistant alternate
     add_generation_prompt: bool = True, # end with the model's header, for it to answer
@@ -272,12 +275,14 @@ def gemma3_chat_text(
         out.append("<start_of_turn>model\n")
     return "".join(out)
 
+# %% ../nbs/11_gemma3.ipynb #360fe413
 def apply_chat_template(
     user_text: str,  # the user's message
 ) -> str:
     "The book's one-turn Gemma 3 prompt (its `<bos>` comes from `GemmaTokenizer.encode`)."
     return f"<start_of_turn>user\n{user_text}<end_of_turn>\n<start_of_turn>model\n"
 
+# %% ../nbs/11_gemma3.ipynb #96fc65c6
 class GemmaTokenizer:
     "Gemma 3's tokenizer, read from its `tokenizer.json` with `tokenizers`, with its special tokens and chat template."
     def __init__(
@@ -297,43 +302,51 @@ class GemmaTokenizer:
         self.end_of_text_id = ids["<eos>"]              # the end of a document (base models)
         self.eos_token_id = ids["<end_of_turn>"]        # the end of the model's turn: where chat generation stops
 
-    def encode(
-        self,
-        text: str,
-        add_bos: bool = True,  # put <bos> in front, as the tokenizer file says (False: the text's tokens only)
-    ) -> list[int]:            # token ids
-        "Token ids of `text`; special tokens written in the text become their ids."
-        return self._tok.encode(text, add_special_tokens=add_bos).ids
-
-    def decode(
-        self,
-        ids: list[int],  # token ids
-    ) -> str:
-        "The text of `ids`, special tokens included."
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-    def format_chat(
-        self,
-        messages: list[dict],                # the conversation (see `gemma3_chat_text`)
-        add_generation_prompt: bool = True,  # end with the model's header
-    ) -> str:
-        "The conversation as Gemma 3's chat template writes it, `<bos>` included."
-        return gemma3_chat_text(messages, add_generation_prompt, self._tok.id_to_token(self.bos_token_id))
-
-    def encode_chat(
-        self,
-        messages: list[dict],                # the conversation (see `gemma3_chat_text`)
-        add_generation_prompt: bool = True,  # end with the model's header
-    ) -> list[int]:                          # token ids, starting with <bos>
-        "Token ids of the conversation in Gemma 3's chat format."
-        return self.encode(self.format_chat(messages, add_generation_prompt), add_bos=False)
-
     @property
     def vocab_size(self) -> int:
         "Tokens the tokenizer knows, special ones included."
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-# %% ../nbs/11_gemma3.ipynb #ea44c7d6
+# %% ../nbs/11_gemma3.ipynb #ee5739ef
+@patch
+def encode(
+    self: GemmaTokenizer,
+    text: str,
+    add_bos: bool = True,  # put <bos> in front, as the tokenizer file says (False: the text's tokens only)
+) -> list[int]:            # token ids
+    "Token ids of `text`; special tokens written in the text become their ids."
+    return self._tok.encode(text, add_special_tokens=add_bos).ids
+
+# %% ../nbs/11_gemma3.ipynb #78d37fed
+@patch
+def decode(
+    self: GemmaTokenizer,
+    ids: list[int],  # token ids
+) -> str:
+    "The text of `ids`, special tokens included."
+    return self._tok.decode(list(ids), skip_special_tokens=False)
+
+# %% ../nbs/11_gemma3.ipynb #2e9142b3
+@patch
+def format_chat(
+    self: GemmaTokenizer,
+    messages: list[dict],                # the conversation (see gemma3_chat_text)
+    add_generation_prompt: bool = True,  # end with the model's header
+) -> str:
+    "The conversation as Gemma 3's chat template writes it, `<bos>` included."
+    return gemma3_chat_text(messages, add_generation_prompt, self._tok.id_to_token(self.bos_token_id))
+
+# %% ../nbs/11_gemma3.ipynb #15f03ffa
+@patch
+def encode_chat(
+    self: GemmaTokenizer,
+    messages: list[dict],                # the conversation (see gemma3_chat_text)
+    add_generation_prompt: bool = True,  # end with the model's header
+) -> list[int]:                          # token ids, starting with <bos>
+    "Token ids of the conversation in Gemma 3's chat format."
+    return self.encode(self.format_chat(messages, add_generation_prompt), add_bos=False)
+
+# %% ../nbs/11_gemma3.ipynb #ee2f4c29
 PRETRAINED_GEMMA3 = {  # our name -> the Hugging Face repository (gated: accept Gemma's license first) and its files
     "gemma3-270m": ("google/gemma-3-270m-it", ("config.json", "model.safetensors", "tokenizer.json")),
     "gemma3-1b": ("google/gemma-3-1b-it", ("config.json", "model.safetensors", "tokenizer.json")),
@@ -353,6 +366,7 @@ GEMMA3_HF_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_
                       "sliding_window_pattern": 6, "final_logit_softcapping": None, "attn_logit_softcapping": None,
                       "attention_bias": False, "use_bidirectional_attention": False}
 
+# %% ../nbs/11_gemma3.ipynb #027b284c
 def _gemma3_rope(hf: dict) -> tuple[float, float, dict | None]:
     "The global and local RoPE bases and the global frequency scaling of a Gemma 3 text config (transformers 4 or 5 keys)."
     params = hf.get("rope_parameters")
@@ -370,6 +384,7 @@ def _gemma3_rope(hf: dict) -> tuple[float, float, dict | None]:
         raise ValueError(f"config.json: RoPE scaling {kind!r} is not supported (linear or none)")
     return float(base), float(local_base), ({"rope_type": "linear", "factor": scaling["factor"]} if kind == "linear" else None)
 
+# %% ../nbs/11_gemma3.ipynb #85f171bd
 def gemma3_config_from_hf(
     hf: dict,  # a Gemma 3 config.json ('gemma3_text', or 'gemma3' with a text_config), as a dict
 ) -> dict:     # our Gemma 3 config
@@ -398,13 +413,14 @@ def gemma3_config_from_hf(
         cfg["rope_freq"] = freq
     return check_gemma3_config(cfg)
 
+# %% ../nbs/11_gemma3.ipynb #003928d4
 def _gemma3_folder(name_or_path: str | Path) -> Path:
     "A local folder of Hugging Face files: the path itself, or the registered files of a named model, downloaded."
     return hf_folder(name_or_path, PRETRAINED_GEMMA3, GATED_HINT.format(company="Google", family="Gemma"))
 
 def load_pretrained_gemma3(
     name_or_path: str | Path,          # 'gemma3-270m', 'gemma3-1b', or a folder with config.json and safetensors weights
-    device=None,                       # where the model goes (None: `get_device()`)
+    device=None,                       # where the model goes (None: get_device())
     dtype: torch.dtype | None = None,  # None: the checkpoint's (bfloat16 for Google's)
 ) -> tuple[Gemma3Model, dict]:         # the model in eval mode, and its config
     "A `Gemma3Model` with weights from a Hugging Face folder (text or multimodal) or a registered name, tensor by tensor."

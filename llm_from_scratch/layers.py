@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from fastcore.basics import patch
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,7 @@ class RMSNorm(nn.Module):
         self,
         emb_dim: int,              # size of the last dimension
         eps: float = 1e-6,         # added to the mean square
-        unit_offset: bool = False, # scale by `1 + weight`, weight initialised to 0 (Gemma)
+        unit_offset: bool = False, # scale by 1 + weight, weight initialised to 0 (Gemma)
         dtype: torch.dtype | None = None,  # the weight's dtype
     ):
         super().__init__()
@@ -69,7 +71,7 @@ class GatedFeedForward(nn.Module):
         self,
         emb_dim: int,              # input and output size
         hidden_dim: int,           # the gate's size
-        activation: str = "silu",  # a key of `ACTIVATIONS`
+        activation: str = "silu",  # a key of ACTIVATIONS
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -82,7 +84,7 @@ class GatedFeedForward(nn.Module):
         "The gated network at every position."
         return self.fc3(self.act(self.fc1(x)) * self.fc2(x))  # (b, T, hidden_dim) -> (b, T, emb_dim)
 
-# %% ../nbs/08_layers.ipynb #cb8f7298
+# %% ../nbs/08_layers.ipynb #ad7f3c54
 ROPE_FREQ_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context_length"), "linear": ("factor",)}
 
 def rope_inv_freq(
@@ -114,11 +116,12 @@ def rope_inv_freq(
     is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
 
+# %% ../nbs/08_layers.ipynb #ad70bedb
 def compute_rope_params(
     head_dim: int,                   # features per head (even)
     theta_base: float = 10_000,      # RoPE's base
     context_length: int = 4096,      # positions to precompute
-    freq_config: dict | None = None, # frequency scaling (see `rope_inv_freq`)
+    freq_config: dict | None = None, # frequency scaling (see rope_inv_freq)
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # cos and sin, each (context_length, head_dim)
     "The book's `compute_rope_params`: cosines and sines of every position's rotation angles."
@@ -128,10 +131,11 @@ def compute_rope_params(
     angles = torch.cat([angles, angles], dim=1)         # (context_length, head_dim): pair i is i and i + head_dim/2
     return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
+# %% ../nbs/08_layers.ipynb #b364751e
 def apply_rope(
     x: torch.Tensor,    # queries or keys, (b, n_heads, T, head_dim)
     cos: torch.Tensor,  # (context_length, head_dim) table, or already gathered: (T, head_dim) or (b, T, head_dim)
-    sin: torch.Tensor,  # same shape as `cos`
+    sin: torch.Tensor,  # same shape as cos
     offset: int = 0,    # position of the first of the T tokens (for a table)
 ) -> torch.Tensor:      # x rotated, same shape and dtype
     "Rotate each feature pair (i, i + head_dim/2) of `x` by its position's angle."
@@ -150,9 +154,9 @@ def apply_rope(
 
 # %% ../nbs/08_layers.ipynb #ed24c861
 def causal_mask(
-    n_queries: int,                # new tokens (the last `n_queries` slots)
-    n_keys: int | None = None,     # all tokens, cached and new (None: `n_queries`)
-    window: int | None = None,     # also block keys `window` or more slots back (sliding-window attention)
+    n_queries: int,                # new tokens (the last n_queries slots)
+    n_keys: int | None = None,     # all tokens, cached and new (None: n_queries)
+    window: int | None = None,     # also block keys window or more slots back (sliding-window attention)
     device=None,
 ) -> torch.Tensor:                 # bool, (n_queries, n_keys): True where a query must not attend a key
     "`True` where query `i` must not attend to key `j`: the future, and with a window, the far past."
@@ -168,7 +172,7 @@ def causal_mask(
         blocked = blocked | (q - k >= window)                             # too far back
     return blocked
 
-# %% ../nbs/08_layers.ipynb #c8d8b682
+# %% ../nbs/08_layers.ipynb #73dfa8a8
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
 
 class GroupedQueryAttention(nn.Module):
@@ -181,7 +185,7 @@ class GroupedQueryAttention(nn.Module):
         head_dim: int | None = None,              # features per head (None: d_in // num_heads)
         qk_norm: bool = False,                    # RMSNorm on each head's queries and keys (Qwen3, Gemma 3)
         query_pre_attn_scalar: float | None = None,  # scale scores by this ** -0.5 instead of head_dim ** -0.5 (Gemma 3)
-        sliding_window: int | None = None,        # attend only to the last `sliding_window` tokens (Gemma 3's local layers)
+        sliding_window: int | None = None,        # attend only to the last sliding_window tokens (Gemma 3's local layers)
         qkv_bias: bool = False,                   # biases in the query, key and value projections
         norm_eps: float = 1e-6,                   # QK-norm's epsilon
         norm_unit_offset: bool = False,           # QK-norm scales by 1 + weight (Gemma)
@@ -211,41 +215,43 @@ class GroupedQueryAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(
-        self,
-        x: torch.Tensor,                   # (b, T, d_in)
-        mask: torch.Tensor | None = None,  # bool, True = blocked, broadcastable to (b, num_heads, T, S); None: causal (or the cache's)
-        cos: torch.Tensor | None = None,   # RoPE cosines of the T tokens' positions, (T, head_dim) or (b, T, head_dim); None: no RoPE
-        sin: torch.Tensor | None = None,   # RoPE sines, same shape
-        cache=None,                        # this layer's part of a `KVCache`
-    ) -> torch.Tensor:                     # (b, T, d_in)
-        "Attention of the T new tokens over themselves and, with a cache, every earlier token."
-        b, T, _ = x.shape
-        queries = self.W_query(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)   # (b, num_heads, T, head_dim)
-        keys = self.W_key(x).view(b, T, self.num_kv_groups, self.head_dim).transpose(1, 2)    # (b, num_kv_groups, T, head_dim)
-        values = self.W_value(x).view(b, T, self.num_kv_groups, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            queries, keys = self.q_norm(queries), self.k_norm(keys)
-        if cos is not None:
-            queries, keys = apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
-        if cache is not None:
-            keys, values = cache.update(keys, values)        # (b, num_kv_groups, S, head_dim), S = cached + T
-        S = keys.shape[2]
-        window = self.sliding_window if self.sliding_window is not None and S > self.sliding_window else None
-        if mask is None:
-            mask = causal_mask(T, S, window, x.device) if cache is None else cache.mask(T, window)
-        elif window is not None:
-            mask = mask | causal_mask(T, S, window, x.device)
-        gqa = {}
-        if self.group_size > 1 and _SDPA_GQA:
-            gqa = {"enable_gqa": True}                                 # PyTorch >= 2.5 shares the heads without copying
-        elif self.group_size > 1:
-            keys = keys.repeat_interleave(self.group_size, dim=1)      # (b, num_heads, S, head_dim): [K1, K1, K2, K2, ...]
-            values = values.repeat_interleave(self.group_size, dim=1)
-        context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=~mask, scale=self.scaling, **gqa)
-        # context: (b, num_heads, T, head_dim)
-        context = context.transpose(1, 2).reshape(b, T, self.d_out)    # (b, T, num_heads * head_dim)
-        return self.out_proj(context)
+# %% ../nbs/08_layers.ipynb #b2208d89
+@patch
+def forward(
+    self: GroupedQueryAttention,
+    x: torch.Tensor,                   # (b, T, d_in)
+    mask: torch.Tensor | None = None,  # bool, True = blocked, broadcastable to (b, num_heads, T, S); None: causal (or the cache's)
+    cos: torch.Tensor | None = None,   # RoPE cosines of the T tokens' positions, (T, head_dim) or (b, T, head_dim); None: no RoPE
+    sin: torch.Tensor | None = None,   # RoPE sines, same shape
+    cache=None,                        # this layer's part of a KVCache
+) -> torch.Tensor:                     # (b, T, d_in)
+    "Attention of the T new tokens over themselves and, with a cache, every earlier token."
+    b, T, _ = x.shape
+    queries = self.W_query(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)   # (b, num_heads, T, head_dim)
+    keys = self.W_key(x).view(b, T, self.num_kv_groups, self.head_dim).transpose(1, 2)    # (b, num_kv_groups, T, head_dim)
+    values = self.W_value(x).view(b, T, self.num_kv_groups, self.head_dim).transpose(1, 2)
+    if self.q_norm is not None:
+        queries, keys = self.q_norm(queries), self.k_norm(keys)
+    if cos is not None:
+        queries, keys = apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
+    if cache is not None:
+        keys, values = cache.update(keys, values)        # (b, num_kv_groups, S, head_dim), S = cached + T
+    S = keys.shape[2]
+    window = self.sliding_window if self.sliding_window is not None and S > self.sliding_window else None
+    if mask is None:
+        mask = causal_mask(T, S, window, x.device) if cache is None else cache.mask(T, window)
+    elif window is not None:
+        mask = mask | causal_mask(T, S, window, x.device)
+    gqa = {}
+    if self.group_size > 1 and _SDPA_GQA:
+        gqa = {"enable_gqa": True}                                 # PyTorch >= 2.5 shares the heads without copying
+    elif self.group_size > 1:
+        keys = keys.repeat_interleave(self.group_size, dim=1)      # (b, num_heads, S, head_dim): [K1, K1, K2, K2, ...]
+        values = values.repeat_interleave(self.group_size, dim=1)
+    context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=~mask, scale=self.scaling, **gqa)
+    # context: (b, num_heads, T, head_dim)
+    context = context.transpose(1, 2).reshape(b, T, self.d_out)    # (b, T, num_heads * head_dim)
+    return self.out_proj(context)
 
 # %% ../nbs/08_layers.ipynb #4f3d2bf4
 class MoEFeedForward(nn.Module):
@@ -256,7 +262,7 @@ class MoEFeedForward(nn.Module):
         hidden_dim: int,              # each expert's gate size (Qwen3: moe_intermediate_size)
         num_experts: int,             # experts per layer
         num_experts_per_tok: int,     # experts each token uses
-        activation: str = "silu",     # a key of `ACTIVATIONS`
+        activation: str = "silu",     # a key of ACTIVATIONS
         norm_topk_prob: bool = True,  # weights: softmax over the selected experts (Qwen3); False: the full softmax's
         dtype: torch.dtype | None = None,
     ):

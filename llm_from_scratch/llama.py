@@ -36,11 +36,11 @@ LLAMA2_CONFIG_7B = {      # Llama 2 7B: Touvron et al. 2023 and meta-llama/Llama
     "dtype": torch.bfloat16,  # the released weights' dtype
 }
 
-# %% ../nbs/09_llama.ipynb #437f2c2d
+# %% ../nbs/09_llama.ipynb #aabbb947
 LLAMA_CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim")
 
 def check_llama_config(
-    cfg: dict,                         # a Llama config such as `LLAMA32_CONFIG_1B`
+    cfg: dict,                         # a Llama config such as LLAMA32_CONFIG_1B
     required: tuple = LLAMA_CONFIG_KEYS,  # keys that must be present
 ) -> dict:                             # the same config, if valid
     "Raise a `ValueError` naming the key when `cfg` lacks a key or holds an impossible value."
@@ -59,6 +59,7 @@ def check_llama_config(
         raise ValueError(f"The Llama config's 'rope_freq' must be a dict or None, not {cfg['rope_freq']!r}")
     return cfg
 
+# %% ../nbs/09_llama.ipynb #edb3a01e
 class LlamaBlock(nn.Module):
     "Llama's pre-norm block: x + attention(RMSNorm(x)) with RoPE, then x + SwiGLU(RMSNorm(x)); no biases, no dropout."
     def __init__(
@@ -79,7 +80,7 @@ class LlamaBlock(nn.Module):
         mask: torch.Tensor,  # bool, True where a query may not attend a key: (T, T), or the cache's
         cos: torch.Tensor,   # RoPE cosines of the T positions, (T, head_dim) or (b, T, head_dim)
         sin: torch.Tensor,   # RoPE sines, same shape
-        cache=None,          # this layer's part of a `KVCache`
+        cache=None,          # this layer's part of a KVCache
     ) -> torch.Tensor:       # (b, T, emb_dim)
         "Attention and feed-forward sub-layers, each normalized first and added back to its input."
         x = x + self.att(self.norm1(x), mask, cos, sin, cache)
@@ -90,7 +91,7 @@ class Llama2Model(nn.Module):
     "Llama 2: token embedding, `n_layers` Llama blocks with RoPE, a final RMSNorm and an untied output head."
     def __init__(
         self,
-        cfg: dict,  # a Llama config such as `LLAMA2_CONFIG_7B`
+        cfg: dict,  # a Llama config such as LLAMA2_CONFIG_7B
     ):
         super().__init__()
         self.cfg = dict(check_llama_config(cfg))
@@ -107,7 +108,7 @@ class Llama2Model(nn.Module):
     def forward(
         self,
         in_idx: torch.Tensor,  # token ids, (b, T)
-        cache=None,            # a `KVCache`; None: the whole sequence at once
+        cache=None,            # a KVCache; None: the whole sequence at once
     ) -> torch.Tensor:         # logits, (b, T, vocab_size)
         "Next-token logits at every position of `in_idx`."
         b, T = in_idx.shape
@@ -135,7 +136,7 @@ class Llama3Model(Llama2Model):
     "Llama 3, 3.1 and 3.2: the Llama 2 architecture with grouped-query attention, a RoPE base and optional frequency scaling."
     def __init__(
         self,
-        cfg: dict,  # a Llama 3 config such as `LLAMA32_CONFIG_1B` (needs 'n_kv_groups' and 'rope_base')
+        cfg: dict,  # a Llama 3 config such as LLAMA32_CONFIG_1B (needs 'n_kv_groups' and 'rope_base')
     ):
         check_llama_config(cfg, LLAMA_CONFIG_KEYS + ("n_kv_groups", "rope_base"))
         super().__init__(cfg)
@@ -227,11 +228,11 @@ def check_param_config(param_config: dict, model: nn.Module) -> None:
         raise ValueError(f"param_config has n_layers={param_config['n_layers']}, the model {len(model.trf_blocks)} blocks")
 
 def load_weights_into_llama(
-    model: nn.Module,     # a `Llama2Model` or `Llama3Model` (its parameters may be on the meta device)
+    model: nn.Module,     # a Llama2Model or Llama3Model (its parameters may be on the meta device)
     param_config: dict,   # the model's config (its 'n_layers' must match the model)
     params: dict,         # a Hugging Face state dict: name -> tensor
     device=None,          # where the parameters go (None: where the model's are; cpu for meta)
-) -> nn.Module:           # `model`, loaded
+) -> nn.Module:           # model, loaded
     "The book's `load_weights_into_llama`: a Hugging Face Llama state dict into our model, all of it or nothing."
     check_param_config(param_config, model)
     return _load_llama_tensors(model, _state_dict_tensors(params, "params"), "the Llama state dict", device)
@@ -283,7 +284,7 @@ class Llama3Tokenizer:
         text: str,
         bos: bool = False,   # start with <|begin_of_text|>
         eos: bool = False,   # end with <|end_of_text|>
-        allowed_special: set | str = frozenset(),  # special tokens written in `text` that become their ids ('all': every one)
+        allowed_special: set | str = frozenset(),  # special tokens written in text that become their ids ('all': every one)
     ) -> list[int]:
         "Token ids of `text`; special tokens in the text raise an error unless allowed."
         ids = self.model.encode(text, allowed_special=allowed_special)
@@ -300,7 +301,7 @@ class ChatFormat:
         self,
         tokenizer: Llama3Tokenizer,
         *,
-        default_system: str = "You are a helpful assistant.",  # the system message of `encode`
+        default_system: str = "You are a helpful assistant.",  # the system message of encode
     ):
         self.tok, self.default_system = tokenizer, default_system
 
@@ -329,7 +330,7 @@ class ChatFormat:
     def encode(
         self,
         user_message: str,
-        system_message: str | None = None,  # None: `default_system`
+        system_message: str | None = None,  # None: default_system
     ) -> list[int]:
         "The book's prompt: a system message, one user message, and the assistant's header."
         system = self.default_system if system_message is None else system_message
@@ -374,7 +375,7 @@ def llama_config_from_hf(
         cfg["head_dim"] = hf["head_dim"]
     return cfg
 
-# %% ../nbs/09_llama.ipynb #2a6f50d3
+# %% ../nbs/09_llama.ipynb #3862218e
 PRETRAINED_LLAMA = {  # our name -> the Hugging Face repository and its files
     "llama3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", ("config.json", "model.safetensors", "original/tokenizer.model")),
     "llama3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", ("config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
@@ -385,10 +386,11 @@ for _name, (_repo, _files) in PRETRAINED_LLAMA.items():
         register(f"{_name}/{_f}", f"llama/{_repo.split('/')[1]}/{_f}", f"https://huggingface.co/{_repo}/resolve/main/{_f}",
                  description=f"{_repo}: {_f}")
 
+# %% ../nbs/09_llama.ipynb #2f18ab7d
 def hf_folder(
-    name_or_path: str | Path,  # a registered name (a key of `registry`) or a local folder
+    name_or_path: str | Path,  # a registered name (a key of registry) or a local folder
     registry: dict,            # our name -> (Hugging Face repository, its files), e.g. PRETRAINED_LLAMA
-    hint: str,                 # added to a failed download's message; `{repo}` stands for the repository
+    hint: str,                 # added to a failed download's message; {repo} stands for the repository
 ) -> Path:
     "A local folder of Hugging Face files: the path itself, or the registered files of a named model, downloaded."
     if isinstance(name_or_path, str) and name_or_path in registry:
@@ -409,6 +411,7 @@ def _llama_folder(name_or_path: str | Path) -> Path:
     "A Llama model's local folder: the path itself, or the registered files of a named model, downloaded."
     return hf_folder(name_or_path, PRETRAINED_LLAMA, GATED_HINT.format(company="Meta", family="Llama"))
 
+# %% ../nbs/09_llama.ipynb #55e9b091
 def _safetensors_files(folder: Path) -> list[Path]:
     "The weight files of a Hugging Face folder: model.safetensors, or the shards its index lists."
     if (folder/"model.safetensors").is_file():
@@ -422,12 +425,13 @@ def _safetensors_files(folder: Path) -> list[Path]:
         return [folder/s for s in shards]
     raise ValueError(f"{folder} holds neither model.safetensors nor model.safetensors.index.json")
 
+# %% ../nbs/09_llama.ipynb #86a93614
 def load_hf_folder(
     folder: Path,                      # a Hugging Face folder: config.json and model.safetensors (or shards with an index)
-    config_from_hf,                    # config.json's dict -> our config, e.g. `llama_config_from_hf`
-    build,                             # our config -> the model, e.g. `Llama3Model`
+    config_from_hf,                    # config.json's dict -> our config, e.g. llama_config_from_hf
+    build,                             # our config -> the model, e.g. Llama3Model
     load_tensors,                      # (model, tensors, where, device) -> the model, every parameter assigned once
-    device=None,                       # where the model goes (None: `get_device()`)
+    device=None,                       # where the model goes (None: get_device())
     dtype: torch.dtype | None = None,  # None: the checkpoint's
 ) -> tuple[nn.Module, dict]:           # the model in eval mode, and its config
     "A model built on the meta device from a folder's config.json, its safetensors weights then loaded tensor by tensor."
@@ -446,9 +450,10 @@ def load_hf_folder(
         load_tensors(model, tensors, str(folder), device)
     return model.to(device).eval(), cfg
 
+# %% ../nbs/09_llama.ipynb #b97072f7
 def load_pretrained_llama(
     name_or_path: str | Path,          # 'llama3.2-1b', 'llama3.2-3b', or a folder with config.json and safetensors weights
-    device=None,                       # where the model goes (None: `get_device()`)
+    device=None,                       # where the model goes (None: get_device())
     dtype: torch.dtype | None = None,  # None: the checkpoint's (bfloat16 for Meta's)
 ) -> tuple[Llama3Model, dict]:         # the model in eval mode, and its config
     "A `Llama3Model` with weights from a Hugging Face folder (or a registered name, downloaded), loaded tensor by tensor."

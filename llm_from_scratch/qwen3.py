@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 from .core import download, register
@@ -70,7 +71,7 @@ QWEN3_CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_la
                      "rope_base", "dtype")
 
 def check_qwen3_config(
-    cfg: dict,  # a Qwen3 config such as `QWEN_CONFIG_06_B`
+    cfg: dict,  # a Qwen3 config such as QWEN_CONFIG_06_B
 ) -> dict:      # the same config, if valid
     "Raise a `ValueError` naming the key when `cfg` lacks a key or holds an impossible value."
     moe = cfg.get("num_experts", 0) > 0
@@ -97,7 +98,7 @@ class Qwen3Block(nn.Module):
     "Qwen3's pre-norm block: x + attention(norm1(x)), then x + feed-forward(norm2(x)); the feed-forward may be a mixture of experts."
     def __init__(
         self,
-        cfg: dict,  # a Qwen3 config such as `QWEN_CONFIG_06_B`
+        cfg: dict,  # a Qwen3 config such as QWEN_CONFIG_06_B
     ):
         super().__init__()
         self.att = GroupedQueryAttention(
@@ -121,7 +122,7 @@ class Qwen3Block(nn.Module):
         mask: torch.Tensor,  # bool, True where a query may not attend a key: (T, T), or the cache's
         cos: torch.Tensor,   # RoPE cosines of the T tokens' positions, (T, head_dim) or (b, T, head_dim)
         sin: torch.Tensor,   # RoPE sines, same shape
-        cache=None,          # this layer's part of a `KVCache`
+        cache=None,          # this layer's part of a KVCache
     ) -> torch.Tensor:       # (b, T, emb_dim)
         "Attention, then feed-forward, each normalized first and added back to its input."
         x = x + self.att(self.norm1(x), mask, cos, sin, cache)  # (b, T, emb_dim)
@@ -132,7 +133,7 @@ class Qwen3Model(nn.Module):
     "Qwen3: token embedding, `n_layers` Qwen3 blocks with RoPE, a final RMSNorm and a linear output head."
     def __init__(
         self,
-        cfg: dict,  # a Qwen3 config such as `QWEN_CONFIG_06_B` or `QWEN3_CONFIG_30B_A3B`
+        cfg: dict,  # a Qwen3 config such as QWEN_CONFIG_06_B or QWEN3_CONFIG_30B_A3B
     ):
         super().__init__()
         self.cfg = dict(check_qwen3_config(cfg))
@@ -148,7 +149,7 @@ class Qwen3Model(nn.Module):
     def forward(
         self,
         in_idx: torch.Tensor,  # token ids, (b, T)
-        cache=None,            # a `KVCache`; None: attend over `in_idx` only
+        cache=None,            # a KVCache; None: attend over in_idx only
     ) -> torch.Tensor:         # logits, (b, T, vocab_size)
         "Next-token logits at every position of `in_idx`."
         b, T = in_idx.shape
@@ -171,7 +172,7 @@ class Qwen3Model(nn.Module):
             cache.advance(T)
         return logits
 
-# %% ../nbs/10_qwen3.ipynb #cae08be8
+# %% ../nbs/10_qwen3.ipynb #5e7b2458
 _QWEN3_ATTENTION = [("att.W_query", "self_attn.q_proj"), ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"),
                     ("att.out_proj", "self_attn.o_proj"), ("att.q_norm", "self_attn.q_norm"), ("att.k_norm", "self_attn.k_norm"),
                     ("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm")]
@@ -194,6 +195,7 @@ def qwen3_name_map(
             m.update({f"{ours}ff.{o}.weight": f"{hf}mlp.{h}.weight" for o, h in _QWEN3_FF})
     return {ours: Source(hf, None, False) for ours, hf in m.items()}
 
+# %% ../nbs/10_qwen3.ipynb #a226a5f2
 def _unfuse_experts(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
     "`transformers` 5's fused experts (`mlp.experts.gate_up_proj` (E, 2I, D), `mlp.experts.down_proj` (E, D, I)) one by one."
     out = {}
@@ -211,12 +213,13 @@ def _unfuse_experts(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
                     f"{t.label}[{e}, {start}:{stop}]", t.dtype, shared=True)
     return out
 
+# %% ../nbs/10_qwen3.ipynb #9be34033
 def load_qwen3_tensors(
     model: Qwen3Model,                # a Qwen3Model (its parameters may be on the meta device)
     tensors: dict[str, LazyTensor],   # the checkpoint's tensors by Hugging Face name
     where: str = "the Qwen3 weights", # what to call them in errors
     device=None,                      # where the parameters go (None: where the model's are; cpu for meta)
-) -> Qwen3Model:                      # `model`, loaded
+) -> Qwen3Model:                      # model, loaded
     "Load Hugging Face-named tensors into `model`, every parameter exactly once, or raise a `ValueError` and change nothing."
     tensors = _unfuse_experts(tensors)
     tie = "lm_head.weight" not in tensors   # the small models share the embedding matrix with the output head
@@ -227,7 +230,7 @@ def load_weights_into_qwen(
     param_config: dict, # the model's config (its 'n_layers' must match the model)
     params: dict,       # a Hugging Face state dict: tensor name -> tensor
     device=None,        # where the parameters go (None: where the model's are; cpu for meta)
-) -> Qwen3Model:        # `model`, loaded
+) -> Qwen3Model:        # model, loaded
     "The book's `load_weights_into_qwen`: a Hugging Face Qwen3 state dict into our model, all of it or nothing."
     check_param_config(param_config, model)
     return load_qwen3_tensors(model, _state_dict_tensors(params, "params"), "the Qwen3 state dict", device)
@@ -283,7 +286,7 @@ def qwen3_chat_text(
             out.append("<think>\n\n</think>\n\n")
     return "".join(out)
 
-# %% ../nbs/10_qwen3.ipynb #ea0ac20c
+# %% ../nbs/10_qwen3.ipynb #4410f8ce
 class Qwen3Tokenizer:
     "Qwen3's byte-level BPE, read from its `tokenizer.json` with `tokenizers`, with its special tokens and chat template."
     _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -295,7 +298,7 @@ class Qwen3Tokenizer:
         self,
         tokenizer_file_path: str | Path = "tokenizer.json",  # Qwen3's tokenizer.json
         repo_id: str | None = None,           # the model's repository name; a chat model's (no "Base" in it) ends turns with <|im_end|>
-        apply_chat_template: bool = True,     # `encode` wraps its text as a user turn
+        apply_chat_template: bool = True,     # encode wraps its text as a user turn
         add_generation_prompt: bool = False,  # ... followed by the assistant's header
         add_thinking: bool = False,           # ... that lets the model think (False: an empty thought after the header)
     ):
@@ -314,58 +317,66 @@ class Qwen3Tokenizer:
         if repo_id and "Base" not in repo_id:
             self.eos_token_id = self._special_to_id["<|im_end|>"]  # chat models end their turn
 
-    def encode(
-        self,
-        text: str,
-        chat_wrapped: bool | None = None,  # wrap `text` as a user turn (None: the tokenizer's `apply_chat_template`)
-    ) -> list[int]:                        # token ids
-        "Token ids of `text`; special tokens written in the text become their ids."
-        if chat_wrapped is None:
-            chat_wrapped = self.apply_chat_template
-        stripped = text.strip()
-        if stripped in self._special_to_id and "\n" not in stripped:
-            return [self._special_to_id[stripped]]
-        if chat_wrapped:
-            text = qwen3_chat_text([{"role": "user", "content": text}], self.add_generation_prompt, self.add_thinking)
-        ids = []
-        for part in filter(None, self._SPLIT_RE.split(text)):
-            if part in self._special_to_id:
-                ids.append(self._special_to_id[part])
-            else:
-                ids.extend(self._tok.encode(part, add_special_tokens=False).ids)
-        return ids
-
-    def decode(
-        self,
-        ids: list[int],  # token ids
-    ) -> str:
-        "The text of `ids`, special tokens included."
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-    def format_chat(
-        self,
-        messages: list[dict],                # the conversation (see `qwen3_chat_text`)
-        add_generation_prompt: bool = True,  # end with the assistant's header
-        enable_thinking: bool = True,        # False: an empty thought after the header
-    ) -> str:
-        "The conversation as Qwen3's chat template writes it."
-        return qwen3_chat_text(messages, add_generation_prompt, enable_thinking)
-
-    def encode_chat(
-        self,
-        messages: list[dict],                # the conversation (see `qwen3_chat_text`)
-        add_generation_prompt: bool = True,  # end with the assistant's header
-        enable_thinking: bool = True,        # False: an empty thought after the header
-    ) -> list[int]:                          # token ids
-        "Token ids of the conversation in Qwen3's chat format."
-        return self.encode(self.format_chat(messages, add_generation_prompt, enable_thinking), chat_wrapped=False)
-
     @property
     def vocab_size(self) -> int:
         "Tokens the tokenizer knows, special ones included."
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-# %% ../nbs/10_qwen3.ipynb #c0e3b1c1
+# %% ../nbs/10_qwen3.ipynb #31943236
+@patch
+def encode(
+    self: Qwen3Tokenizer,
+    text: str,
+    chat_wrapped: bool | None = None,  # wrap text as a user turn (None: the tokenizer's apply_chat_template)
+) -> list[int]:                        # token ids
+    "Token ids of `text`; special tokens written in the text become their ids."
+    if chat_wrapped is None:
+        chat_wrapped = self.apply_chat_template
+    stripped = text.strip()
+    if stripped in self._special_to_id and "\n" not in stripped:
+        return [self._special_to_id[stripped]]
+    if chat_wrapped:
+        text = qwen3_chat_text([{"role": "user", "content": text}], self.add_generation_prompt, self.add_thinking)
+    ids = []
+    for part in filter(None, self._SPLIT_RE.split(text)):
+        if part in self._special_to_id:
+            ids.append(self._special_to_id[part])
+        else:
+            ids.extend(self._tok.encode(part, add_special_tokens=False).ids)
+    return ids
+
+# %% ../nbs/10_qwen3.ipynb #5ea311ad
+@patch
+def decode(
+    self: Qwen3Tokenizer,
+    ids: list[int],  # token ids
+) -> str:
+    "The text of `ids`, special tokens included."
+    return self._tok.decode(list(ids), skip_special_tokens=False)
+
+# %% ../nbs/10_qwen3.ipynb #adbbf634
+@patch
+def format_chat(
+    self: Qwen3Tokenizer,
+    messages: list[dict],                # the conversation (see qwen3_chat_text)
+    add_generation_prompt: bool = True,  # end with the assistant's header
+    enable_thinking: bool = True,        # False: an empty thought after the header
+) -> str:
+    "The conversation as Qwen3's chat template writes it."
+    return qwen3_chat_text(messages, add_generation_prompt, enable_thinking)
+
+# %% ../nbs/10_qwen3.ipynb #b508f9f2
+@patch
+def encode_chat(
+    self: Qwen3Tokenizer,
+    messages: list[dict],                # the conversation (see qwen3_chat_text)
+    add_generation_prompt: bool = True,  # end with the assistant's header
+    enable_thinking: bool = True,        # False: an empty thought after the header
+) -> list[int]:                          # token ids
+    "Token ids of the conversation in Qwen3's chat format."
+    return self.encode(self.format_chat(messages, add_generation_prompt, enable_thinking), chat_wrapped=False)
+
+# %% ../nbs/10_qwen3.ipynb #4e5aacd3
 PRETRAINED_QWEN3 = {  # our name -> the Hugging Face repository (Qwen's releases, not gated) and its files
     "qwen3-0.6b": ("Qwen/Qwen3-0.6B", ("config.json", "model.safetensors", "tokenizer.json")),
     "qwen3-0.6b-base": ("Qwen/Qwen3-0.6B-Base", ("config.json", "model.safetensors", "tokenizer.json")),
@@ -377,6 +388,7 @@ for _name, (_repo, _files) in PRETRAINED_QWEN3.items():
 
 _HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+# %% ../nbs/10_qwen3.ipynb #42152ec5
 def qwen3_config_from_hf(
     hf: dict,  # a Qwen3 or Qwen3-MoE config.json, as a dict
 ) -> dict:     # our Qwen3 config
@@ -413,6 +425,7 @@ def qwen3_config_from_hf(
         cfg["hidden_dim"] = hf["intermediate_size"]
     return check_qwen3_config(cfg)
 
+# %% ../nbs/10_qwen3.ipynb #fc1ffaaa
 def _qwen3_folder(name_or_path: str | Path) -> Path:
     "A local folder of Hugging Face files: the path itself, or the registered files of a named model, downloaded."
     return hf_folder(name_or_path, PRETRAINED_QWEN3,
@@ -420,7 +433,7 @@ def _qwen3_folder(name_or_path: str | Path) -> Path:
 
 def load_pretrained_qwen3(
     name_or_path: str | Path,          # 'qwen3-0.6b', 'qwen3-0.6b-base', or a folder with config.json and safetensors weights
-    device=None,                       # where the model goes (None: `get_device()`)
+    device=None,                       # where the model goes (None: get_device())
     dtype: torch.dtype | None = None,  # None: the checkpoint's (bfloat16 for Qwen's)
 ) -> tuple[Qwen3Model, dict]:          # the model in eval mode, and its config
     "A `Qwen3Model` (dense or mixture of experts) with weights from a Hugging Face folder or a registered name, tensor by tensor."
@@ -430,7 +443,7 @@ def load_qwen3_tokenizer(
     name_or_path: str | Path,      # 'qwen3-0.6b', ..., a folder with tokenizer.json, or the file
     repo_id: str | None = None,    # the repository's name (None: the folder's); "Base" in it means a base model
     add_thinking: bool = False,    # a chat model's prompts let it think (False: an empty thought, a direct answer)
-) -> Qwen3Tokenizer:               # for a chat model, `encode` writes a user turn and the assistant's header
+) -> Qwen3Tokenizer:               # for a chat model, encode writes a user turn and the assistant's header
     "The Qwen3 tokenizer of a model folder or name, set up as the book does: chat prompts for chat models, plain text for base models."
     if isinstance(name_or_path, str) and name_or_path in PRETRAINED_QWEN3:   # a registered model: fetch its tokenizer only
         path, repo_id = download(f"{name_or_path}/tokenizer.json"), repo_id or PRETRAINED_QWEN3[name_or_path][0]
