@@ -19,8 +19,8 @@ from fastcore.basics import patch
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['GPT2_SPLIT_PATTERN', 'merge_pair', 'pretokenize', 'bytes_to_unicode', 'learn_merges', 'apply_merges',
-           'BPETokenizerSimple']
+__all__ = ['GPT2_SPLIT_PATTERN', 'merge_pair', 'pretokenize', 'bytes_to_unicode', 'learn_merges', 'merge_by_scan', 'apply_merges',
+           'merge_by_heap', 'BPETokenizerSimple']
 
 # %% ../nbs/02b_bpe.ipynb #57d6143b
 def merge_pair(
@@ -105,7 +105,7 @@ def learn_merges(
     return merges
 
 # %% ../nbs/02b_bpe.ipynb #648cc260
-def apply_merges(
+def merge_by_scan(
     ids: list[int],                                    # the byte ids of one pre-token
     ranks: Mapping[tuple[int, int], tuple[int, int]],  # pair -> (rank, new id)
 ) -> list[int]:
@@ -122,6 +122,41 @@ def apply_merges(
     return ids
 
 _NOT_A_MERGE = (float('inf'), -1)
+_LONG_PIECE = 64  # bytes; typical pre-tokens are under 20
+
+def apply_merges(
+    ids: list[int],                                    # the byte ids of one pre-token
+    ranks: Mapping[tuple[int, int], tuple[int, int]],  # pair -> (rank, new id)
+) -> list[int]:
+    "The pre-token's tokens: merged by scanning when it is short, with a heap when it is long."
+    return (merge_by_scan if len(ids) <= _LONG_PIECE else merge_by_heap)(ids, ranks)
+
+# %% ../nbs/02b_bpe.ipynb #bpe-long-code1
+def merge_by_heap(
+    ids: list[int],                                    # the byte ids of one pre-token
+    ranks: Mapping[tuple[int, int], tuple[int, int]],  # pair -> (rank, new id)
+) -> list[int]:
+    "`merge_by_scan`'s result in O(n log n): candidate pairs in a heap keyed by (rank, position)."
+    ids, n, get = list(ids), len(ids), ranks.get
+    right = list(range(1, n + 1))  # the next live position; n: none
+    left = list(range(-1, n - 1))  # the previous live position; -1: none
+    alive = [True] * n
+    heap = [(r[0], i, r[1]) for i in range(n - 1) if (r := get((ids[i], ids[i + 1])))]
+    heapq.heapify(heap)
+    while heap:
+        rank, i, new_id = heapq.heappop(heap)
+        j = right[i]
+        if not alive[i] or j >= n or (r := get((ids[i], ids[j]))) is None or r[0] != rank:
+            continue  # stale: an earlier merge changed this pair
+        ids[i], alive[j] = new_id, False
+        right[i] = k = right[j]
+        if k < n:
+            left[k] = i
+            if r := get((ids[i], ids[k])):
+                heapq.heappush(heap, (r[0], i, r[1]))
+        if (p := left[i]) >= 0 and (r := get((ids[p], ids[i]))):
+            heapq.heappush(heap, (r[0], p, r[1]))
+    return [t for t, a in zip(ids, alive) if a]
 
 # %% ../nbs/02b_bpe.ipynb #b0ba9814
 @lru_cache(maxsize=64)

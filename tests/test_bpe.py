@@ -321,3 +321,44 @@ def test_whole_token_shortcut_changes_nothing(gpt2, trained):
             data = tok.vocab[i]
             byte_ids = [tok.inverse_vocab[c] for c in data]
             assert apply_merges(byte_ids, tok._ranks) == [i], data
+
+
+# ---- long unbroken pre-tokens: exact, and n log n rather than n^2 (hardening) ----
+class CountingRanks(dict):
+    "A rank table that counts its lookups: a measure of work that does not depend on the machine."
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize('text', ['a' * 100_000, 'ab' * 30_000, '=' * 50_000, '7' * 40_000, 'é' * 30_000,
+                                  'x' + 'ab' * 20_000 + ' tail', 'Supercalifragilistic' * 3_000])
+def test_long_pretokens_equal_tiktoken(gpt2, tik, text):
+    "One pre-token of tens of thousands of bytes encodes exactly as tiktoken does (it used to take minutes)."
+    gpt2._cache.clear()
+    assert gpt2.encode(text) == tik.encode(text)
+
+
+def test_long_pretoken_work_grows_n_log_n(gpt2):
+    "Rank lookups for a run of n letters stay within a small multiple of n (the scan needed about n^2 / 2)."
+    saved = gpt2._ranks
+    try:
+        for n in (1_000, 4_000, 16_000):
+            gpt2._ranks, gpt2._cache = CountingRanks(saved), type(gpt2._cache)(gpt2._encode_piece)
+            gpt2.encode('a' * n)
+            assert gpt2._ranks.lookups < 8 * n, (n, gpt2._ranks.lookups)
+    finally:
+        gpt2._ranks, gpt2._cache = saved, type(gpt2._cache)(gpt2._encode_piece)
+
+
+@some
+@given(st.lists(st.sampled_from(['a', 'b', 'ab', 'ba', 'aa', 'the', 'é', '中']), min_size=20, max_size=400))
+def test_heap_and_scan_merge_alike(gpt2, parts):
+    "Merging by heap and by scan give the same tokens on random long pre-tokens."
+    from llm_from_scratch.bpe import merge_by_heap, merge_by_scan
+    ids = [gpt2._byte_ids[b] for b in ''.join(parts).encode('utf-8')]
+    assert merge_by_heap(ids, gpt2._ranks) == merge_by_scan(ids, gpt2._ranks)
