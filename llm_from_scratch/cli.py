@@ -208,7 +208,8 @@ def _pretrain(args: argparse.Namespace, rank: int, world_size: int) -> int:
     data, val_fraction, path, train_ds, val_ds = _pretrain_data(args, saved, T, rank, world_size)
     cfg = _pretrain_settings(args, saved, len(train_ds), world_size)
     torch.manual_seed(cfg.seed)
-    model = use_fused_kernels(GPTModel(model_cfg))  # PyTorch's fused LayerNorm and GELU: the same math, faster
+    # PyTorch's fused LayerNorm and GELU: the same math, faster
+    model = use_fused_kernels(GPTModel(model_cfg))
     if rank == 0:
         n = sum(p.numel() for p in model.parameters())
         print(f'{n / 1e6:.1f}M parameters; {len(train_ds):,} training windows of {T} tokens from {path.name}'
@@ -224,10 +225,13 @@ def _pretrain(args: argparse.Namespace, rank: int, world_size: int) -> int:
 # %% ../nbs/90_cli.ipynb #0e3b56fd
 class TextCodec(NamedTuple):
     "What a command needs of a tokenizer: plain text and chat prompts to ids, ids to text, and the ids that end generation."
-    encode: Callable[[str], list[int]]       # plain text -> ids, with the beginning-of-text token where the model expects one
+    # plain text -> ids, with the beginning-of-text token where the model expects one
+    encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]       # ids -> text
-    eos_id: int | None                       # where a plain-text continuation stops (the end-of-document token)
-    encode_chat: Callable[[str], list[int]] | None = None  # one user message in the chat template, up to the answer's header
+    # where a plain-text continuation stops (the end-of-document token)
+    eos_id: int | None
+    # one user message in the chat template, up to the answer's header
+    encode_chat: Callable[[str], list[int]] | None = None
     chat_eos_id: int | None = None           # where the answer stops (the end-of-turn token)
 
 def tiktoken_codec(
@@ -288,7 +292,8 @@ def _qwen3_loader(name: str):
     "A loader of a Qwen3 model: its registered Hugging Face files, or a local folder."
     def load(weights: Path | None, device, dtype):
         src = name if weights is None else _hf_folder(weights, name, ('tokenizer.json',))
-        model, _ = load_pretrained_qwen3(src, device, dtype)  # first: a failed download says how to get the whole model
+        # first: a failed download says how to get the whole model
+        model, _ = load_pretrained_qwen3(src, device, dtype)
         tok = load_qwen3_tokenizer(src)
         end_of_turn = tok.encode('<|im_end|>', chat_wrapped=False)[0]
         return model, TextCodec(lambda text: tok.encode(text, chat_wrapped=False), tok.decode, tok.pad_token_id,
@@ -317,7 +322,8 @@ def _gemma3_loader(name: str):
     return load
 
 # %% ../nbs/90_cli.ipynb #9e507061
-MODEL_LOADERS: dict = {  # name -> function(weights: Path | None, device, dtype) returning (model, TextCodec), for `--model NAME`
+# name -> function(weights: Path | None, device, dtype) returning (model, TextCodec), for `--model NAME`
+MODEL_LOADERS: dict = {
     **{name: _gpt2_loader(name) for name in PRETRAINED_GPT2},
     **{name: _qwen3_loader(name) for name in PRETRAINED_QWEN3},
     **{name: _llama3_loader(name) for name in PRETRAINED_LLAMA},
@@ -338,7 +344,8 @@ def add_model_options(
     p.add_argument('--dtype', choices=DTYPES, help="the weights' precision (default: the checkpoint's)")
 
 def load_model_for_cli(
-    args: argparse.Namespace,  # with .model (a name or None), .weights, .checkpoint (a folder or None), .device, .dtype
+    # with .model (a name or None), .weights, .checkpoint (a folder or None), .device, .dtype
+    args: argparse.Namespace,
 ) -> tuple[torch.nn.Module, TextCodec]:  # the model in eval mode on the device, and its codec
     "The model a command runs: a named model from `MODEL_LOADERS` (downloaded, or `--weights`), or a checkpoint folder's."
     device = get_device(args.device or None)
@@ -357,7 +364,8 @@ def load_model_for_cli(
             raise CLIError(f'--weights {weights}: no such file or folder')
         model, codec = MODEL_LOADERS[args.model](weights, device, dtype)
     if device.type == 'cpu':
-        relayout_weights(model)  # the faster weight layout for generating on a CPU (the KV-cache page measures it)
+        # the faster weight layout for generating on a CPU (the KV-cache page measures it)
+        relayout_weights(model)
     return model.eval(), codec
 
 # %% ../nbs/90_cli.ipynb #69f6083d
@@ -404,7 +412,8 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 # %% ../nbs/90_cli.ipynb #db68e6d3
-CLI_MODULES = ('classify', 'instruct', 'dpo', 'serve')  # package modules whose `add_cli_parser(sub)`, where defined, adds subcommands
+# package modules whose `add_cli_parser(sub)`, where defined, adds subcommands
+CLI_MODULES = ('classify', 'instruct', 'dpo', 'serve')
 
 def build_parser() -> argparse.ArgumentParser:
     "The `llm-from-scratch` argument parser with every subcommand."

@@ -171,7 +171,8 @@ class TextDecoder:
         tokenizer,  # anything with decode(list of ids) -> str
     ):
         self.tokenizer, self.ids = tokenizer, []
-        self._prefix = self._read = 0   # ids[_prefix:_read] were sent already; they give context to the next tokens
+        # ids[_prefix:_read] were sent already; they give context to the next tokens
+        self._prefix = self._read = 0
 
     def push(
         self,
@@ -182,7 +183,8 @@ class TextDecoder:
         before = self.tokenizer.decode(self.ids[self._prefix:self._read])
         text = self.tokenizer.decode(self.ids[self._prefix:])
         if len(text) <= len(before) or text.endswith('\ufffd'):
-            return ''                                      # an incomplete character: wait for its other bytes
+            # an incomplete character: wait for its other bytes
+            return ''
         self._prefix, self._read = self._read, len(self.ids)
         return text[len(before):]
 
@@ -866,7 +868,8 @@ _TOKENIZER_LOADERS = ((PRETRAINED_QWEN3, load_qwen3_tokenizer), (PRETRAINED_LLAM
 
 def _load(source, weights=None, device=None, dtype=None):
     "(model, tokenizer, default name) for a checkpoint or run folder, or a named model of the command line."
-    from llm_from_scratch.cli import load_model_for_cli   # the command line imports this module: import it when needed
+    # the command line imports this module: import it when needed
+    from llm_from_scratch.cli import load_model_for_cli
     path = Path(source).expanduser()
     weights = None if weights is None else Path(weights).expanduser()
     if path.exists():
@@ -877,14 +880,16 @@ def _load(source, weights=None, device=None, dtype=None):
         args = argparse.Namespace(checkpoint=None, model=str(source), device=device, weights=weights, dtype=dtype)
         name = str(source)
     model, tokenizer = load_model_for_cli(args)
-    for registry, load_tokenizer in _TOKENIZER_LOADERS:   # chat models: the tokenizer itself, for whole conversations
+    # chat models: the tokenizer itself, for whole conversations
+    for registry, load_tokenizer in _TOKENIZER_LOADERS:
         if args.model in registry:
             tokenizer = load_tokenizer(weights or args.model)
     return model, tokenizer, name
 
 # %% ../nbs/91_serve.ipynb #ef799c49
 def serve(
-    model,                      # an nn.Module, a checkpoint or run folder, or the name of a model the command line loads
+    # an nn.Module, a checkpoint or run folder, or the name of a model the command line loads
+    model,
     tokenizer=None,             # the tokenizer, with an nn.Module
     model_name: str | None = None,  # the name clients use (default: the folder's or model's name)
     host: str = '127.0.0.1',    # 0.0.0.0 serves every network interface
@@ -916,7 +921,8 @@ def serve(
           'Ctrl+C stops', flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
-    except KeyboardInterrupt:   # uvicorn shuts down cleanly on Ctrl+C, then raises it again for its caller
+    # uvicorn shuts down cleanly on Ctrl+C, then raises it again for its caller
+    except KeyboardInterrupt:
         pass
     print(f'stopped serving {name}', flush=True)
 
