@@ -118,11 +118,13 @@ def add_pretrain_parser(sub) -> None:
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.set_defaults(func=cmd_pretrain)
 
-# %% ../nbs/90_cli.ipynb #5b164bce
-_TRAIN_OPTIONS = {'steps': 'max_steps', 'batch_size': 'batch_size', 'grad_accum': 'grad_accum', 'lr': 'lr', 'min_lr': 'min_lr',
-                  'warmup_steps': 'warmup_steps', 'schedule': 'schedule', 'weight_decay': 'weight_decay', 'device': 'device',
-                  'precision': 'precision', 'compile': 'compile', 'fsdp': 'fsdp', 'eval_interval': 'eval_interval',
-                  'sample_interval': 'sample_interval', 'ckpt_interval': 'ckpt_interval', 'prompt': 'sample_prompt', 'seed': 'seed'}
+# %% ../nbs/90_cli.ipynb #859cac6e
+_TRAIN_OPTIONS = {'steps': 'max_steps', 'batch_size': 'batch_size', 'grad_accum': 'grad_accum', 'lr': 'lr',
+                  'min_lr': 'min_lr', 'warmup_steps': 'warmup_steps', 'schedule': 'schedule',
+                  'weight_decay': 'weight_decay', 'device': 'device', 'precision': 'precision',
+                  'compile': 'compile', 'fsdp': 'fsdp', 'eval_interval': 'eval_interval',
+                  'sample_interval': 'sample_interval', 'ckpt_interval': 'ckpt_interval',
+                  'prompt': 'sample_prompt', 'seed': 'seed'}
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     "Pretrain a GPT on a corpus; print where the checkpoint is."
@@ -134,30 +136,43 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     finally:
         cleanup_distributed()
 
-def _pretrain(args: argparse.Namespace, rank: int, world_size: int) -> int:
+# %% ../nbs/90_cli.ipynb #b6a1adfd
+def _pretrain_run(args: argparse.Namespace) -> tuple[Path, dict, Path | None, dict]:
+    "The run folder, the resumed checkpoint's settings and folder (or {} and None), and the model config."
     d = _PRETRAIN_DEFAULTS
     if args.config is not None and args.config not in MODEL_CONFIGS:
         raise CLIError(f'unknown config {args.config!r}; known configs: {", ".join(MODEL_CONFIGS)}')
-    run_dir = args.out or data_home()/'checkpoints'/f'{args.config or d["config"]}-{Path(args.data or d["data"]).stem}'
-    saved, ckpt = {}, None
-    if args.resume is not None:
-        ckpt = find_checkpoint(args.resume or run_dir)
-        run_dir = ckpt.parent if (ckpt.parent/'latest').is_file() else run_dir  # a run folder, or --out's
-        saved = checkpoint_config(ckpt)
-        model_cfg = saved.get('model')
-        if not isinstance(model_cfg, dict):
-            raise CLIError(f'{ckpt/"config.json"} has no model config to resume')
-        if args.config is not None and {**MODEL_CONFIGS[args.config], 'attn_impl': 'sdpa'} != model_cfg:
-            raise CLIError(f'--config {args.config} differs from the model of the checkpoint in {run_dir}: leave --config out to resume')
-    else:
+    name = f'{args.config or d["config"]}-{Path(args.data or d["data"]).stem}'
+    run_dir = args.out or data_home()/'checkpoints'/name
+    if args.resume is None:
         if (Path(run_dir)/'latest').is_file():
-            raise CLIError(f'{run_dir} already holds a run: --resume continues it, --out DIR starts a new one elsewhere')
-        model_cfg = {**MODEL_CONFIGS[args.config or d['config']], 'attn_impl': 'sdpa'}  # SDPA: the same math, faster
+            raise CLIError(f'{run_dir} already holds a run: --resume continues it, '
+                           '--out DIR starts a new one elsewhere')
+        # SDPA: the same math, faster
+        model_cfg = {**MODEL_CONFIGS[args.config or d['config']], 'attn_impl': 'sdpa'}
         if args.context_length is not None:
             model_cfg['context_length'] = args.context_length
+        return run_dir, {}, None, model_cfg
+    ckpt = find_checkpoint(args.resume or run_dir)
+    # a run folder, or --out's
+    run_dir = ckpt.parent if (ckpt.parent/'latest').is_file() else run_dir
+    saved = checkpoint_config(ckpt)
+    model_cfg = saved.get('model')
+    if not isinstance(model_cfg, dict):
+        raise CLIError(f'{ckpt/"config.json"} has no model config to resume')
+    if args.config is not None and {**MODEL_CONFIGS[args.config], 'attn_impl': 'sdpa'} != model_cfg:
+        raise CLIError(f'--config {args.config} differs from the model of the checkpoint in {run_dir}: '
+                       'leave --config out to resume')
+    return run_dir, saved, ckpt, model_cfg
 
-    data = args.data or saved.get('meta', {}).get('data') or d['data']
-    val_fraction = next(v for v in (args.val_fraction, saved.get('meta', {}).get('val_fraction'), 0.1) if v is not None)
+# %% ../nbs/90_cli.ipynb #b5f75560
+def _pretrain_data(
+    args: argparse.Namespace, saved: dict, T: int, rank: int, world_size: int,
+) -> tuple[str, float, Path, TokenWindows, TokenWindows | None]:
+    "The corpus, its validation share and token file, and the training and validation windows of T tokens."
+    data = args.data or saved.get('meta', {}).get('data') or _PRETRAIN_DEFAULTS['data']
+    given = (args.val_fraction, saved.get('meta', {}).get('val_fraction'), 0.1)
+    val_fraction = next(v for v in given if v is not None)
     if not 0 <= val_fraction < 1:
         raise CLIError(f'--val-fraction must be in [0, 1), not {val_fraction}')
     if rank == 0:  # one process tokenizes; the others wait for the file
@@ -167,22 +182,34 @@ def _pretrain(args: argparse.Namespace, rank: int, world_size: int) -> int:
         path = token_file_for(data, quiet=True)
     tokens = read_token_file(path)
     split = int(len(tokens) * (1 - val_fraction))
-    T = model_cfg['context_length']
     train_ds = TokenWindows(tokens[:split], T)
     val_ds = TokenWindows(tokens[split:], T) if len(tokens) - split > T else None
+    return data, val_fraction, path, train_ds, val_ds
 
-    settings = {**{k: d[k] for k in ('batch_size', 'lr', 'warmup_steps', 'eval_interval', 'sample_interval', 'ckpt_interval')},
-                'max_steps': d['steps'], **saved.get('train', {})}
-    settings.update({field: getattr(args, opt) for opt, field in _TRAIN_OPTIONS.items() if getattr(args, opt) is not None})
+# %% ../nbs/90_cli.ipynb #e7c66c1e
+def _pretrain_settings(args: argparse.Namespace, saved: dict, n_windows: int, world_size: int) -> TrainConfig:
+    "The trainer's settings: the defaults, then the resumed run's, then the command line's."
+    d = _PRETRAIN_DEFAULTS
+    shown = ('batch_size', 'lr', 'warmup_steps', 'eval_interval', 'sample_interval', 'ckpt_interval')
+    settings = {**{k: d[k] for k in shown}, 'max_steps': d['steps'], **saved.get('train', {})}
+    settings.update({field: getattr(args, opt) for opt, field in _TRAIN_OPTIONS.items()
+                     if getattr(args, opt) is not None})
     if args.epochs is not None:
         per_step = settings['batch_size'] * settings.get('grad_accum', 1) * world_size
-        settings['max_steps'] = max(1, math.ceil(args.epochs * len(train_ds) / per_step))
+        settings['max_steps'] = max(1, math.ceil(args.epochs * n_windows / per_step))
     settings['warmup_steps'] = min(settings['warmup_steps'], settings['max_steps'] - 1)
     settings['progress'] = not args.quiet
-    cfg = TrainConfig.from_dict(settings)
+    return TrainConfig.from_dict(settings)
 
+# %% ../nbs/90_cli.ipynb #9bbc20d1
+def _pretrain(args: argparse.Namespace, rank: int, world_size: int) -> int:
+    run_dir, saved, ckpt, model_cfg = _pretrain_run(args)
+    T = model_cfg['context_length']
+    data, val_fraction, path, train_ds, val_ds = _pretrain_data(args, saved, T, rank, world_size)
+    cfg = _pretrain_settings(args, saved, len(train_ds), world_size)
     torch.manual_seed(cfg.seed)
-    model = use_fused_kernels(GPTModel(model_cfg))  # PyTorch's fused LayerNorm and GELU: the same math, faster
+    # PyTorch's fused LayerNorm and GELU: the same math, faster
+    model = use_fused_kernels(GPTModel(model_cfg))
     if rank == 0:
         n = sum(p.numel() for p in model.parameters())
         print(f'{n / 1e6:.1f}M parameters; {len(train_ds):,} training windows of {T} tokens from {path.name}'
@@ -198,10 +225,13 @@ def _pretrain(args: argparse.Namespace, rank: int, world_size: int) -> int:
 # %% ../nbs/90_cli.ipynb #0e3b56fd
 class TextCodec(NamedTuple):
     "What a command needs of a tokenizer: plain text and chat prompts to ids, ids to text, and the ids that end generation."
-    encode: Callable[[str], list[int]]       # plain text -> ids, with the beginning-of-text token where the model expects one
+    # plain text -> ids, with the beginning-of-text token where the model expects one
+    encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]       # ids -> text
-    eos_id: int | None                       # where a plain-text continuation stops (the end-of-document token)
-    encode_chat: Callable[[str], list[int]] | None = None  # one user message in the chat template, up to the answer's header
+    # where a plain-text continuation stops (the end-of-document token)
+    eos_id: int | None
+    # one user message in the chat template, up to the answer's header
+    encode_chat: Callable[[str], list[int]] | None = None
     chat_eos_id: int | None = None           # where the answer stops (the end-of-turn token)
 
 def tiktoken_codec(
@@ -232,7 +262,7 @@ class TextStream:
         new, self.shown = text[self.shown:], len(text)
         return new
 
-# %% ../nbs/90_cli.ipynb #0a4ee473
+# %% ../nbs/90_cli.ipynb #b8a831e9
 def _gpt2_loader(name: str):
     "A loader of one GPT-2 size: downloaded by name, or any file `load_pretrained_gpt2` reads."
     def load(weights: Path | None, device, dtype):
@@ -257,11 +287,13 @@ def _user_turn(text: str) -> list[dict]:
     "A conversation of one user message."
     return [{'role': 'user', 'content': text}]
 
+# %% ../nbs/90_cli.ipynb #6bb63cc1
 def _qwen3_loader(name: str):
     "A loader of a Qwen3 model: its registered Hugging Face files, or a local folder."
     def load(weights: Path | None, device, dtype):
         src = name if weights is None else _hf_folder(weights, name, ('tokenizer.json',))
-        model, _ = load_pretrained_qwen3(src, device, dtype)  # first: a failed download says how to get the whole model
+        # first: a failed download says how to get the whole model
+        model, _ = load_pretrained_qwen3(src, device, dtype)
         tok = load_qwen3_tokenizer(src)
         end_of_turn = tok.encode('<|im_end|>', chat_wrapped=False)[0]
         return model, TextCodec(lambda text: tok.encode(text, chat_wrapped=False), tok.decode, tok.pad_token_id,
@@ -289,7 +321,9 @@ def _gemma3_loader(name: str):
                                 tok.eos_token_id)
     return load
 
-MODEL_LOADERS: dict = {  # name -> function(weights: Path | None, device, dtype) returning (model, TextCodec), for `--model NAME`
+# %% ../nbs/90_cli.ipynb #9e507061
+# name -> function(weights: Path | None, device, dtype) returning (model, TextCodec), for `--model NAME`
+MODEL_LOADERS: dict = {
     **{name: _gpt2_loader(name) for name in PRETRAINED_GPT2},
     **{name: _qwen3_loader(name) for name in PRETRAINED_QWEN3},
     **{name: _llama3_loader(name) for name in PRETRAINED_LLAMA},
@@ -310,7 +344,8 @@ def add_model_options(
     p.add_argument('--dtype', choices=DTYPES, help="the weights' precision (default: the checkpoint's)")
 
 def load_model_for_cli(
-    args: argparse.Namespace,  # with .model (a name or None), .weights, .checkpoint (a folder or None), .device, .dtype
+    # with .model (a name or None), .weights, .checkpoint (a folder or None), .device, .dtype
+    args: argparse.Namespace,
 ) -> tuple[torch.nn.Module, TextCodec]:  # the model in eval mode on the device, and its codec
     "The model a command runs: a named model from `MODEL_LOADERS` (downloaded, or `--weights`), or a checkpoint folder's."
     device = get_device(args.device or None)
@@ -329,7 +364,8 @@ def load_model_for_cli(
             raise CLIError(f'--weights {weights}: no such file or folder')
         model, codec = MODEL_LOADERS[args.model](weights, device, dtype)
     if device.type == 'cpu':
-        relayout_weights(model)  # the faster weight layout for generating on a CPU (the KV-cache page measures it)
+        # the faster weight layout for generating on a CPU (the KV-cache page measures it)
+        relayout_weights(model)
     return model.eval(), codec
 
 # %% ../nbs/90_cli.ipynb #69f6083d
@@ -376,7 +412,8 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 # %% ../nbs/90_cli.ipynb #db68e6d3
-CLI_MODULES = ('classify', 'instruct', 'dpo', 'serve')  # package modules whose `add_cli_parser(sub)`, where defined, adds subcommands
+# package modules whose `add_cli_parser(sub)`, where defined, adds subcommands
+CLI_MODULES = ('classify', 'instruct', 'dpo', 'serve')
 
 def build_parser() -> argparse.ArgumentParser:
     "The `llm-from-scratch` argument parser with every subcommand."

@@ -155,7 +155,7 @@ def _fetch(url: str, dest: Path, entry: DataFile, quiet: bool, timeout: float) -
 
 # %% ../nbs/00_core.ipynb #b491f028
 def download(
-    name: str | DataFile,        # a registry name such as 'the-verdict', or a `DataFile`
+    name: str | DataFile,        # a registry name such as 'the-verdict', or a DataFile
     quiet: bool = False,         # hide the progress bar
     timeout: float = 30.0,       # seconds to wait for the server
     dest: str | Path | None = None,  # keep the file here instead of in the cache
@@ -219,7 +219,7 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-# %% ../nbs/00_core.ipynb #713f7c38
+# %% ../nbs/00_core.ipynb #380212e0
 def _version_tuple(v: str) -> tuple[int, ...]:
     "'2.13.0+cpu' -> (2, 13, 0); good enough to compare release versions."
     return tuple(int(x) for x in re.findall(r'\d+', v.split('+')[0])[:3])
@@ -237,8 +237,10 @@ def _requirements() -> list[tuple[str, str | None]]:
         m = re.match(r'\s*([A-Za-z0-9_.\-]+)\s*(?:>=\s*([\w.]+))?', r)
         if m:
             out.append((m.group(1), m.group(2)))
-    return out or [('torch', None), ('tiktoken', None), ('matplotlib', None), ('tqdm', None), ('numpy', None), ('safetensors', None)]
+    return out or [('torch', None), ('tiktoken', None), ('matplotlib', None), ('tqdm', None), ('numpy', None),
+                   ('safetensors', None)]
 
+# %% ../nbs/00_core.ipynb #1a8491bf
 @dataclass
 class Check:
     "One line of the environment report."
@@ -246,9 +248,10 @@ class Check:
     status: str  # 'OK', 'FAIL' or 'INFO'
     detail: str = ''
 
-def check_environment() -> list[Check]:
-    "Versions of the required packages, the device, and where each registered data file would come from."
-    checks = [Check('python', 'OK' if sys.version_info >= (3, 10) else 'FAIL', f'{sys.version.split()[0]} (needs >= 3.10)')]
+def _package_checks() -> list[Check]:
+    "Python's version, each required package against its minimum, and the optional TensorFlow."
+    checks = [Check('python', 'OK' if sys.version_info >= (3, 10) else 'FAIL',
+                    f'{sys.version.split()[0]} (needs >= 3.10)')]
     for pkg, need in _requirements():
         try:
             have = importlib.metadata.version(pkg)
@@ -261,14 +264,22 @@ def check_environment() -> list[Check]:
     except importlib.metadata.PackageNotFoundError:
         tf = "not installed (optional: pip install 'llm-from-scratch[tf]' to read OpenAI's checkpoints)"
     checks.append(Check('tensorflow', 'INFO', tf))
+    return checks
+
+def _device_check() -> Check:
+    "The device that get_device picks, with a GPU's name and memory."
     dev = get_device()
     detail = str(dev)
     if dev.type == 'cuda':
         p = torch.cuda.get_device_properties(dev)
         detail = f'cuda: {p.name}, {p.total_memory / 2**30:.1f} GiB'
-    checks.append(Check('device', 'OK', detail))
+    return Check('device', 'OK', detail)
+
+# %% ../nbs/00_core.ipynb #ab38c0de
+def _data_checks() -> list[Check]:
+    "Each registered file found locally, checked; one line for those that would be downloaded."
     pre, cache = prefetched_dir(), data_home()/'data'
-    remote = []
+    checks, remote = [], []
     for e in REGISTRY.values():
         if pre is not None and (pre/e.filename).is_file():
             p = pre/e.filename
@@ -285,6 +296,10 @@ def check_environment() -> list[Check]:
         shown = ', '.join(remote[:4]) + (f' and {len(remote) - 4} more' if len(remote) > 4 else '')
         checks.append(Check('data: not local', 'INFO', f'{len(remote)} registered files download on first use: {shown}'))
     return checks
+
+def check_environment() -> list[Check]:
+    "Versions of the required packages, the device, and where each registered data file would come from."
+    return [*_package_checks(), _device_check(), *_data_checks()]
 
 def print_environment_report(checks: list[Check] | None = None) -> bool:
     "Print `check_environment()` as a table; return True when nothing failed."

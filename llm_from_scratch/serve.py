@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import uvicorn
+from fastcore.basics import patch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -38,8 +39,8 @@ from .qwen3 import PRETRAINED_QWEN3, Qwen3Tokenizer, load_qwen3_tokenizer
 
 # %% auto #0
 __all__ = ['ALPACA_PREAMBLE', 'CHAT_ROLES', 'CHAT_PAGE', 'messages_to_prompt', 'ChatTokenizer', 'TextDecoder', 'Sampling',
-           'ModelWorker', 'RequestError', 'parse_sampling', 'check_messages', 'create_app', 'BackgroundServer', 'serve',
-           'cmd_serve', 'add_cli_parser']
+           'ModelWorker', 'RequestError', 'parse_sampling', 'check_messages', 'ServedModel', 'create_app',
+           'BackgroundServer', 'serve', 'cmd_serve', 'add_cli_parser']
 
 # %% ../nbs/91_serve.ipynb #b6aae334
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
@@ -63,32 +64,28 @@ def messages_to_prompt(
             parts.append(f'\n\n### Response:\n{content}')
     return ''.join(parts) + '\n\n### Response:\n'
 
-# %% ../nbs/91_serve.ipynb #11b11f4e
+# %% ../nbs/91_serve.ipynb #fc5f88c9
 class ChatTokenizer:
     "The package's tokenizers behind one interface: text and chat prompts, stop ids and decoding."
     def __init__(
         self,
-        tokenizer,                              # tiktoken's gpt2, Llama3Tokenizer or ChatFormat, Qwen3Tokenizer, GemmaTokenizer
-        stop_ids: Iterable[int] | None = None,  # generation ends at these ids (None: the tokenizer's end of text and turn)
+        # tiktoken's gpt2, Llama3Tokenizer or ChatFormat, Qwen3Tokenizer, GemmaTokenizer
+        tokenizer,
+        # generation ends at these ids (None: the tokenizer's end of text and turn)
+        stop_ids: Iterable[int] | None = None,
     ):
         if isinstance(tokenizer, ChatTokenizer):
             tokenizer = tokenizer.tokenizer
         self.tokenizer = tokenizer
-        self._codec = tokenizer if all(hasattr(tokenizer, a) for a in ('encode_chat', 'chat_eos_id', 'eos_id')) else None
-        self._chat = ChatFormat(tokenizer) if isinstance(tokenizer, Llama3Tokenizer) else None   # Llama 3 chats through ChatFormat
+        codec_attrs = ('encode_chat', 'chat_eos_id', 'eos_id')
+        self._codec = tokenizer if all(hasattr(tokenizer, a) for a in codec_attrs) else None
+        # Llama 3 chats through ChatFormat
+        self._chat = ChatFormat(tokenizer) if isinstance(tokenizer, Llama3Tokenizer) else None
         if isinstance(tokenizer, ChatFormat):
             self._chat = tokenizer
-        self._tok = self._chat.tok if self._chat is not None else tokenizer   # the tokenizer proper
+        # the tokenizer proper
+        self._tok = self._chat.tok if self._chat is not None else tokenizer
         self.stop_ids = frozenset(self._default_stop_ids() if stop_ids is None else stop_ids)
-
-    @property
-    def template(self) -> str:
-        "The chat format: 'llama3', 'qwen3', 'gemma3', 'alpaca', or 'codec' (a `TextCodec`'s one-message template)."
-        if self._chat is not None:
-            return 'llama3'
-        if self._codec is not None:
-            return 'alpaca' if self._codec.encode_chat is None else 'codec'
-        return {Qwen3Tokenizer: 'qwen3', GemmaTokenizer: 'gemma3'}.get(type(self._tok), 'alpaca')
 
     def _default_stop_ids(self) -> set[int]:
         t = self._tok
@@ -96,56 +93,75 @@ class ChatTokenizer:
             return {self._codec.eos_id, self._codec.chat_eos_id} - {None}
         if isinstance(t, Llama3Tokenizer):
             return {t.eos_id, t.eot_id, t.special['<|eom_id|>']}
-        if isinstance(t, Qwen3Tokenizer):  # <|endoftext|> ends a text, <|im_end|> a turn (of base and chat models alike)
+        # <|endoftext|> ends a text, <|im_end|> a turn (of base and chat models alike)
+        if isinstance(t, Qwen3Tokenizer):
             return {t.eos_token_id, t.pad_token_id, *t.encode('<|im_end|>', chat_wrapped=False)}
         if isinstance(t, GemmaTokenizer):
             return {t.eos_token_id, t.end_of_text_id}
-        ids = {getattr(t, name, None) for name in ('eot_token', 'eos_token_id')} - {None}  # tiktoken: eot_token
+        # tiktoken: eot_token
+        ids = {getattr(t, name, None) for name in ('eot_token', 'eos_token_id')} - {None}
         if not ids:
-            raise ValueError(f'{type(t).__name__} has no end-of-text id (eot_token or eos_token_id): pass stop_ids')
+            raise ValueError(f'{type(t).__name__} has no end-of-text id (eot_token or eos_token_id): '
+                             'pass stop_ids')
         return ids
 
-    def encode(
-        self,
-        text: str,  # plain text, continued as written; special-token text stays text (except Qwen3's and Gemma's)
-    ) -> list[int]:
-        "Token ids of plain text, with the beginning-of-text token where the model expects one."
-        t = self._tok
-        if self._codec is not None:
-            return list(self._codec.encode(text))
-        if isinstance(t, Qwen3Tokenizer):
-            return t.encode(text, chat_wrapped=False)
-        if isinstance(t, GemmaTokenizer):
-            return t.encode(text)                       # <bos> first
-        if isinstance(t, Llama3Tokenizer):
-            return [t.bos_id] + t.model.encode_ordinary(text)
-        if hasattr(t, 'encode_ordinary'):               # tiktoken
-            return t.encode_ordinary(text)
-        return list(t.encode(text))
+# %% ../nbs/91_serve.ipynb #3cddf4df
+@patch(as_prop=True)
+def template(self: ChatTokenizer) -> str:
+    "The chat format: 'llama3', 'qwen3', 'gemma3', 'alpaca', or 'codec' (a `TextCodec`'s one-message template)."
+    if self._chat is not None:
+        return 'llama3'
+    if self._codec is not None:
+        return 'alpaca' if self._codec.encode_chat is None else 'codec'
+    return {Qwen3Tokenizer: 'qwen3', GemmaTokenizer: 'gemma3'}.get(type(self._tok), 'alpaca')
 
-    def encode_chat(
-        self,
-        messages: list[dict],  # {"role", "content"} dicts
-        think: bool = False,   # let a Qwen3 chat model think before answering
-    ) -> list[int]:
-        "Token ids of a conversation in the model's chat format, ending where the assistant's answer begins."
-        t = self._tok
-        if self._codec is not None and self._codec.encode_chat is not None:
-            if len(messages) != 1 or messages[0]['role'] != 'user':
-                raise ValueError(f'this model\'s TextCodec writes one user message in its chat template, not {len(messages)} '
-                                 'messages: serve it with its tokenizer for conversations')
-            return list(self._codec.encode_chat(messages[0]['content']))
-        if self._chat is not None:
-            return self._chat.encode_dialog_prompt(messages)
-        if isinstance(t, Qwen3Tokenizer):
-            return t.encode_chat(messages, enable_thinking=think)
-        if isinstance(t, GemmaTokenizer):
-            return t.encode_chat(messages)
-        return self.encode(messages_to_prompt(messages))
+# %% ../nbs/91_serve.ipynb #0c65c159
+@patch
+def encode(
+    self: ChatTokenizer,
+    # plain text, continued as written; special-token text stays text (except Qwen3's and Gemma's)
+    text: str,
+) -> list[int]:
+    "Token ids of plain text, with the beginning-of-text token where the model expects one."
+    t = self._tok
+    if self._codec is not None:
+        return list(self._codec.encode(text))
+    if isinstance(t, Qwen3Tokenizer):
+        return t.encode(text, chat_wrapped=False)
+    if isinstance(t, GemmaTokenizer):
+        return t.encode(text)                       # <bos> first
+    if isinstance(t, Llama3Tokenizer):
+        return [t.bos_id] + t.model.encode_ordinary(text)
+    if hasattr(t, 'encode_ordinary'):               # tiktoken
+        return t.encode_ordinary(text)
+    return list(t.encode(text))
 
-    def decode(self, ids: list[int]) -> str:
-        "The text of token ids."
-        return (self._codec or self._tok).decode(list(ids))
+# %% ../nbs/91_serve.ipynb #0f9ddee1
+@patch
+def encode_chat(
+    self: ChatTokenizer,
+    messages: list[dict],  # {"role", "content"} dicts
+    think: bool = False,   # let a Qwen3 chat model think before answering
+) -> list[int]:
+    "Token ids of a conversation in the model's chat format, ending where the assistant's answer begins."
+    t = self._tok
+    if self._codec is not None and self._codec.encode_chat is not None:
+        if len(messages) != 1 or messages[0]['role'] != 'user':
+            raise ValueError(f'this model\'s TextCodec writes one user message in its chat template, '
+                             f'not {len(messages)} messages: serve it with its tokenizer for conversations')
+        return list(self._codec.encode_chat(messages[0]['content']))
+    if self._chat is not None:
+        return self._chat.encode_dialog_prompt(messages)
+    if isinstance(t, Qwen3Tokenizer):
+        return t.encode_chat(messages, enable_thinking=think)
+    if isinstance(t, GemmaTokenizer):
+        return t.encode_chat(messages)
+    return self.encode(messages_to_prompt(messages))
+
+@patch
+def decode(self: ChatTokenizer, ids: list[int]) -> str:
+    "The text of token ids."
+    return (self._codec or self._tok).decode(list(ids))
 
 # %% ../nbs/91_serve.ipynb #3250e474
 class TextDecoder:
@@ -155,7 +171,8 @@ class TextDecoder:
         tokenizer,  # anything with decode(list of ids) -> str
     ):
         self.tokenizer, self.ids = tokenizer, []
-        self._prefix = self._read = 0   # ids[_prefix:_read] were sent already; they give context to the next tokens
+        # ids[_prefix:_read] were sent already; they give context to the next tokens
+        self._prefix = self._read = 0
 
     def push(
         self,
@@ -166,7 +183,8 @@ class TextDecoder:
         before = self.tokenizer.decode(self.ids[self._prefix:self._read])
         text = self.tokenizer.decode(self.ids[self._prefix:])
         if len(text) <= len(before) or text.endswith('\ufffd'):
-            return ''                                      # an incomplete character: wait for its other bytes
+            # an incomplete character: wait for its other bytes
+            return ''
         self._prefix, self._read = self._read, len(self.ids)
         return text[len(before):]
 
@@ -177,7 +195,7 @@ class TextDecoder:
         self._prefix = self._read = len(self.ids)
         return text[len(before):]
 
-# %% ../nbs/91_serve.ipynb #8d3d9f20
+# %% ../nbs/91_serve.ipynb #b2600e73
 @dataclass
 class Sampling:
     "How to generate: the arguments of chapter 5's `generate` that a request may set."
@@ -188,11 +206,12 @@ class Sampling:
 
 _END = object()  # the worker's last message on a request's queue
 
+# %% ../nbs/91_serve.ipynb #d276cb11
 class ModelWorker:
-    "Runs one model in one worker thread: requests are generated one at a time, their text streamed back to the event loop."
+    "Runs one model in one worker thread: requests are generated one at a time, streamed to the event loop."
     def __init__(
         self,
-        model: nn.Module,         # called as model(idx, cache=...), with a config `model.cfg`
+        model: nn.Module,         # called as model(idx, cache=...), with a config model.cfg
         tokenizer: ChatTokenizer,
     ):
         cfg = getattr(model, 'cfg', None)
@@ -206,92 +225,101 @@ class ModelWorker:
     def check_prompt(self, ids: list[int]) -> None:
         "Raise a `ValueError` unless the prompt fits the model's context."
         if len(ids) > self.context_length:
-            raise ValueError(f'the prompt is {len(ids)} tokens long; the model\'s context holds {self.context_length} tokens')
+            raise ValueError(f'the prompt is {len(ids)} tokens long; '
+                             f'the model\'s context holds {self.context_length} tokens')
 
-    def generate(
-        self,
-        ids: list[int],      # the prompt's token ids
-        sampling: Sampling,
-        cancel: threading.Event | None = None,  # set: stop after the current token
-    ) -> Iterator[str | dict]:  # pieces of text, then a dict of counts and timings
-        "Generate in the calling thread: text as it is produced, then `{'prompt_tokens', 'completion_tokens', 'done_reason', ...}`."
-        start = time.perf_counter()
-        idx = torch.tensor([ids], device=self.device)  # (1, T)
-        generator = torch.Generator(device=self.device)
-        if sampling.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(sampling.seed % 2**64)
-        decoder, n, reason, first = TextDecoder(self.tokenizer), 0, 'length', None
-        tokens = generate_stream(self.model, idx, sampling.max_new_tokens, temperature=sampling.temperature,
-                                 top_k=sampling.top_k, generator=generator)
-        for token in tokens:
-            first = first or time.perf_counter()
-            if token in self.tokenizer.stop_ids:
-                reason = 'stop'
-                break
-            n += 1
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-            if (cancel is not None and cancel.is_set()) or self._closing.is_set():
-                reason = 'cancel'
-                break
-        tail = decoder.flush()
-        if tail:
-            yield tail
-        end = time.perf_counter()
-        first = first or end
-        yield {'prompt_tokens': len(ids), 'completion_tokens': n, 'done_reason': reason,
-               'prompt_seconds': first - start, 'eval_seconds': end - first}
+# %% ../nbs/91_serve.ipynb #b2edf7e5
+@patch
+def generate(
+    self: ModelWorker,
+    ids: list[int],      # the prompt's token ids
+    sampling: Sampling,
+    cancel: threading.Event | None = None,  # set: stop after the current token
+) -> Iterator[str | dict]:  # pieces of text, then a dict of counts and timings
+    "Generate in the calling thread: text as it is produced, then `{'prompt_tokens', 'completion_tokens', ...}`."
+    start = time.perf_counter()
+    idx = torch.tensor([ids], device=self.device)  # (1, T)
+    generator = torch.Generator(device=self.device)
+    if sampling.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(sampling.seed % 2**64)
+    decoder, n, reason, first = TextDecoder(self.tokenizer), 0, 'length', None
+    tokens = generate_stream(self.model, idx, sampling.max_new_tokens, temperature=sampling.temperature,
+                             top_k=sampling.top_k, generator=generator)
+    for token in tokens:
+        first = first or time.perf_counter()
+        if token in self.tokenizer.stop_ids:
+            reason = 'stop'
+            break
+        n += 1
+        piece = decoder.push(token)
+        if piece:
+            yield piece
+        if (cancel is not None and cancel.is_set()) or self._closing.is_set():
+            reason = 'cancel'
+            break
+    tail = decoder.flush()
+    if tail:
+        yield tail
+    end = time.perf_counter()
+    first = first or end
+    yield {'prompt_tokens': len(ids), 'completion_tokens': n, 'done_reason': reason,
+           'prompt_seconds': first - start, 'eval_seconds': end - first}
 
-    def open(self) -> None:
-        "Start the worker thread (done on first use)."
-        self._closing.clear()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix='llm-serve')
+# %% ../nbs/91_serve.ipynb #14ea93b2
+@patch
+def open(self: ModelWorker) -> None:
+    "Start the worker thread (done on first use)."
+    self._closing.clear()
+    if self._executor is None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix='llm-serve')
 
-    def close(self) -> None:
-        "Stop the running generation after its current token, drop queued ones, and end the thread."
-        self._closing.set()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+@patch
+def close(self: ModelWorker) -> None:
+    "Stop the running generation after its current token, drop queued ones, and end the thread."
+    self._closing.set()
+    if self._executor is not None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor = None
 
-    async def stream(
-        self,
-        ids: list[int],
-        sampling: Sampling,
-    ) -> AsyncIterator[str | dict]:  # what `generate` yields, delivered on the event loop
-        "Queue a generation on the worker thread and yield its output as it arrives."
-        if self._executor is None:
-            self.open()
-        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+# %% ../nbs/91_serve.ipynb #7b274242
+@patch
+async def stream(
+    self: ModelWorker,
+    ids: list[int],
+    sampling: Sampling,
+) -> AsyncIterator[str | dict]:  # what generate yields, delivered on the event loop
+    "Queue a generation on the worker thread and yield its output as it arrives."
+    if self._executor is None:
+        self.open()
+    loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
-        def put(item):
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+    def put(item):
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work():                                  # runs in the worker thread
-            try:
-                if not (cancel.is_set() or self._closing.is_set()):   # skip requests abandoned while queued
-                    for item in self.generate(ids, sampling, cancel):
-                        put(item)
-            except Exception as e:                   # reported to the client by the response
-                put(e)
-            finally:
-                put(_END)
-
-        self._executor.submit(work)
+    def work():                                  # runs in the worker thread
         try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+            # skip requests abandoned while queued
+            if not (cancel.is_set() or self._closing.is_set()):
+                for item in self.generate(ids, sampling, cancel):
+                    put(item)
+        except Exception as e:                   # reported to the client by the response
+            put(e)
         finally:
-            cancel.set()                             # the client left, or we are done: free the worker
+            put(_END)
 
-# %% ../nbs/91_serve.ipynb #7e2a16ec
+    self._executor.submit(work)
+    try:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancel.set()                             # the client left, or we are done: free the worker
+
+# %% ../nbs/91_serve.ipynb #f9409291
 class RequestError(Exception):
     "A request the server cannot answer, with the HTTP status to send."
     def __init__(self, status: int, message: str):
@@ -306,16 +334,20 @@ def _integer(value, name: str, low: int | None = None, high: int | None = None) 
     return value
 
 def _number(value, name: str, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < low):
         raise RequestError(400, f'{name} must be a number >= {low}, not {value!r}')
     return float(value)
 
+# %% ../nbs/91_serve.ipynb #aa62803b
 def parse_sampling(
-    values: dict,                # the request's settings: Ollama's `options`, or OpenAI's top-level fields
+    # the request's settings: Ollama's options, or OpenAI's top-level fields
+    values: dict,
     defaults: Sampling,          # the server's defaults
     max_tokens_limit: int,       # the most tokens one request may ask for
     vocab_size: int | None = None,
-    length_key: str = 'num_predict',  # Ollama: num_predict; OpenAI: max_tokens (or max_completion_tokens)
+    # Ollama: num_predict; OpenAI: max_tokens (or max_completion_tokens)
+    length_key: str = 'num_predict',
 ) -> Sampling:
     "The request's `Sampling`; a `RequestError` (400) names the first bad value."
     if not isinstance(values, dict):
@@ -324,18 +356,22 @@ def parse_sampling(
     n = values.get(length_key)
     if n is not None:
         n = _integer(n, length_key, -2 if length_key == 'num_predict' else 0, max_tokens_limit)
-        s.max_new_tokens = defaults.max_new_tokens if n < 0 else n   # Ollama: -1 (no limit), -2 (fill the context)
+        # Ollama: -1 (no limit), -2 (fill the context)
+        s.max_new_tokens = defaults.max_new_tokens if n < 0 else n
     if values.get('temperature') is not None:
         s.temperature = _number(values['temperature'], 'temperature')
     if values.get('top_k') is not None:
         k = _integer(values['top_k'], 'top_k', 0)
-        s.top_k = None if k == 0 or (vocab_size is not None and k >= vocab_size) else k  # 0 or >= vocabulary: no filter
+        # 0 or >= vocabulary: no filter
+        s.top_k = None if k == 0 or (vocab_size is not None and k >= vocab_size) else k
     if values.get('seed') is not None:
         s.seed = _integer(values['seed'], 'seed')
-    if values.get('top_p') is not None:              # accepted, ignored: chapter 5's sampling has no nucleus filter
+    # top_p is accepted and ignored: chapter 5's sampling has no nucleus filter
+    if values.get('top_p') is not None:
         _number(values['top_p'], 'top_p')
     return s
 
+# %% ../nbs/91_serve.ipynb #0279f519
 def check_messages(
     messages,  # the request's "messages"
 ) -> list[dict]:  # [{"role", "content"}], content as one string
@@ -348,7 +384,8 @@ def check_messages(
             raise RequestError(400, f'messages[{i}] must be an object with a role in {", ".join(CHAT_ROLES)}')
         content = m.get('content')
         if isinstance(content, list):                # OpenAI: [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get('type') == 'text' and isinstance(p.get('text'), str) for p in content):
+            if not all(isinstance(p, dict) and p.get('type') == 'text' and isinstance(p.get('text'), str)
+                       for p in content):
                 raise RequestError(400, f'messages[{i}].content: only text parts are supported')
             content = ''.join(p['text'] for p in content)
         if not isinstance(content, str):
@@ -395,200 +432,207 @@ def _openai_error(e: RequestError) -> JSONResponse:
 def _parameter_size(n: int) -> str:
     return f'{n / 1e9:.1f}B' if n >= 1e9 else f'{n / 1e6:.1f}M' if n >= 1e6 else f'{n / 1e3:.1f}K'
 
-# %% ../nbs/91_serve.ipynb #fe31c34a
-def create_app(
-    model: nn.Module,                   # any model of the package, called as model(idx, cache=...), with model.cfg
-    tokenizer,                          # its tokenizer (tiktoken gpt2, Llama3Tokenizer/ChatFormat, Qwen3Tokenizer, GemmaTokenizer)
-    model_name: str = 'llm-from-scratch',  # the name clients ask for ("name" and "name:latest" both match)
-    *,
-    max_tokens: int = 256,              # tokens generated when a request sets no length
-    max_tokens_limit: int = 4096,       # the most tokens a request may ask for
-    temperature: float = 0.0,           # temperature when a request sets none (0: greedy)
-    stop_ids: Iterable[int] | None = None,  # generation ends at these ids (None: the tokenizer's end of text and turn)
-) -> Starlette:                         # an ASGI application: run it with uvicorn (see `serve`, `BackgroundServer`)
-    "An HTTP app serving `model`: Ollama's chat, generate and tags routes, OpenAI's chat completions and models, a chat page."
-    if not isinstance(max_tokens, int) or not 0 <= max_tokens <= max_tokens_limit:
-        raise ValueError(f'max_tokens must be between 0 and max_tokens_limit={max_tokens_limit}, not {max_tokens!r}')
-    if temperature < 0:
-        raise ValueError(f'temperature must be >= 0, not {temperature!r}')
-    chat = ChatTokenizer(tokenizer, stop_ids)
-    worker = ModelWorker(model, chat)
-    defaults = Sampling(max_new_tokens=max_tokens, temperature=temperature)
+# %% ../nbs/91_serve.ipynb #7549adf8
+@dataclass
+class ServedModel:
+    "What the routes of one app share: the model, its tokenizer and worker, and the server's settings."
+    model: nn.Module
+    model_name: str          # the name clients ask for
+    chat: ChatTokenizer
+    worker: ModelWorker
+    defaults: Sampling       # what a request leaves unset
+    max_tokens_limit: int    # the most tokens one request may ask for
+    created: int             # when the app was made, in seconds since 1970
+
+# %% ../nbs/91_serve.ipynb #e2b069a0
+def _check_model(served: ServedModel, data: dict) -> None:
+    "A RequestError unless the request names the served model."
+    name = data.get('model')
+    if not isinstance(name, str) or not name:
+        raise RequestError(400, 'model is required')
+    if name not in (served.model_name, f'{served.model_name}:latest'):
+        raise RequestError(404, f'model "{name}" not found; this server serves "{served.model_name}"')
+
+async def _prompt_ids(served: ServedModel, encode, *args) -> list[int]:
+    "Tokenize in the thread pool with encode(*args); a RequestError unless the prompt fits the context."
+    try:
+        ids = await run_in_threadpool(encode, *args)
+        served.worker.check_prompt(ids)
+    except ValueError as e:    # the chat template refused the messages, or the prompt is too long
+        raise RequestError(400, str(e)) from None
+    return ids
+
+# %% ../nbs/91_serve.ipynb #463988b2
+async def _ollama_prompt(served: ServedModel, data: dict, chat_route: bool) -> list[int]:
+    "The prompt's token ids for /api/chat or /api/generate; [] for a request without text."
+    chat = served.chat
+    if chat_route:
+        messages = check_messages(data.get('messages') or [])
+        if not messages:
+            return []
+        return await _prompt_ids(served, chat.encode_chat, messages, _flag(data, 'think', False))
+    text, system = data.get('prompt') or '', data.get('system')
+    if not isinstance(text, str) or not isinstance(system, (str, type(None))):
+        raise RequestError(400, 'prompt and system must be strings')
+    if not text:
+        return []
+    if chat.template == 'alpaca' or _flag(data, 'raw', False):
+        return await _prompt_ids(served, chat.encode, text)
+    messages = ([{'role': 'system', 'content': system}] if system else []) + [{'role': 'user', 'content': text}]
+    return await _prompt_ids(served, chat.encode_chat, messages, _flag(data, 'think', False))
+
+# %% ../nbs/91_serve.ipynb #140dd598
+def _ollama_chunk(model_name: str, chat_route: bool, text: str, done: bool = False) -> dict:
+    "One line of an Ollama reply: a piece of text, as a chat message or as generated text."
+    body = {'message': {'role': 'assistant', 'content': text}} if chat_route else {'response': text}
+    return {'model': model_name, 'created_at': _now(), **body, 'done': done}
+
+def _ollama_final(model_name: str, chat_route: bool, stats: dict, text: str = '') -> dict:
+    "The last line: done, why generation ended, and the worker's counts, durations in nanoseconds."
+    return {**_ollama_chunk(model_name, chat_route, text, True), 'done_reason': stats['done_reason'],
+            'total_duration': _ns(stats['prompt_seconds'] + stats['eval_seconds']), 'load_duration': 0,
+            'prompt_eval_count': stats['prompt_tokens'], 'prompt_eval_duration': _ns(stats['prompt_seconds']),
+            'eval_count': stats['completion_tokens'], 'eval_duration': _ns(stats['eval_seconds'])}
+
+async def _ollama_lines(model_name: str, chat_route: bool, events) -> AsyncIterator[str]:
+    "The worker's output as Ollama's stream, one JSON object per line."
+    try:
+        async for item in events:
+            line = (_ollama_chunk(model_name, chat_route, item) if isinstance(item, str)
+                    else _ollama_final(model_name, chat_route, item))
+            yield json.dumps(line) + '\n'
+    except Exception as e:   # the status line has gone: report in the stream, as Ollama does
+        yield json.dumps({'error': f'generation failed: {e}'}) + '\n'
+
+# %% ../nbs/91_serve.ipynb #6c382f9a
+async def _ollama(served: ServedModel, request: Request, chat_route: bool):
+    "Answer Ollama's /api/chat (chat_route) or /api/generate."
+    try:
+        data = await _json_body(request)
+        _check_model(served, data)
+        stream = _flag(data, 'stream', True)
+        sampling = parse_sampling(data.get('options') or {}, served.defaults, served.max_tokens_limit,
+                                  served.worker.vocab_size)
+        ids = await _ollama_prompt(served, data, chat_route)
+    except RequestError as e:
+        return _ollama_error(e)
+    name = served.model_name
+    if not ids:                # Ollama's answer to an empty request: the model is loaded
+        return JSONResponse({**_ollama_chunk(name, chat_route, '', True), 'done_reason': 'load'})
+    events = served.worker.stream(ids, sampling)
+    if not stream:
+        try:
+            items = [item async for item in events]
+        except Exception as e:
+            return JSONResponse({'error': f'generation failed: {e}'}, status_code=500)
+        return JSONResponse(_ollama_final(name, chat_route, items[-1], ''.join(items[:-1])))
+    return StreamingResponse(_ollama_lines(name, chat_route, events), media_type='application/x-ndjson')
+
+async def _ollama_chat(served: ServedModel, request: Request):
+    return await _ollama(served, request, chat_route=True)
+
+async def _ollama_generate(served: ServedModel, request: Request):
+    return await _ollama(served, request, chat_route=False)
+
+# %% ../nbs/91_serve.ipynb #c6db1146
+async def _ollama_tags(served: ServedModel, request: Request):
+    "Ollama's list of local models: the one served, with its size, family and precision."
+    model, name, created = served.model, served.model_name, served.created
     n_params = sum(p.numel() for p in model.parameters())
     dtype = str(next(model.parameters()).dtype).removeprefix('torch.')
-    created = int(time.time())
-    page = CHAT_PAGE.replace('__TITLE__', html.escape(model_name)).replace('__MODEL__', json.dumps(model_name).replace('<', '\\u003c'))
+    digest = hashlib.sha256(f'{name}:{n_params}:{created}'.encode()).hexdigest()
+    family = type(model).__name__
+    return JSONResponse({'models': [{
+        'name': name, 'model': name, 'modified_at': datetime.fromtimestamp(created, timezone.utc).isoformat(),
+        'size': sum(p.numel() * p.element_size() for p in model.parameters()), 'digest': digest,
+        'details': {'format': 'pytorch', 'family': family, 'families': [family],
+                    'parameter_size': _parameter_size(n_params), 'quantization_level': dtype}}]})
 
-    def check_model(data: dict) -> None:
-        name = data.get('model')
-        if not isinstance(name, str) or not name:
-            raise RequestError(400, 'model is required')
-        if name not in (model_name, f'{model_name}:latest'):
-            raise RequestError(404, f'model "{name}" not found; this server serves "{model_name}"')
+async def _ollama_version(served: ServedModel, request: Request):
+    from llm_from_scratch import __version__
+    return JSONResponse({'version': __version__})
 
-    async def prompt_ids(encode, *args) -> list[int]:
-        try:
-            ids = await run_in_threadpool(encode, *args)
-            worker.check_prompt(ids)
-        except ValueError as e:    # the chat template refused the messages, or the prompt is too long
-            raise RequestError(400, str(e)) from None
-        return ids
+# %% ../nbs/91_serve.ipynb #5175db88
+def _usage(stats: dict) -> dict:
+    "OpenAI's token counts, from the worker's statistics."
+    p, c = stats['prompt_tokens'], stats['completion_tokens']
+    return {'prompt_tokens': p, 'completion_tokens': c, 'total_tokens': p + c}
 
-    async def ollama(request: Request, chat_route: bool):
-        try:
-            data = await _json_body(request)
-            check_model(data)
-            stream = _flag(data, 'stream', True)
-            sampling = parse_sampling(data.get('options') or {}, defaults, max_tokens_limit, worker.vocab_size)
-            if chat_route:
-                messages = check_messages(data.get('messages') or [])
-                ids = await prompt_ids(chat.encode_chat, messages, _flag(data, 'think', False)) if messages else []
+def _finish_reason(stats: dict) -> str:
+    "OpenAI's finish_reason: stop at an end-of-text or end-of-turn token, else length."
+    return 'stop' if stats['done_reason'] == 'stop' else 'length'
+
+def _openai_completion(head: dict, items: list) -> dict:
+    "The whole reply as one chat.completion object; items are the worker's output."
+    message = {'role': 'assistant', 'content': ''.join(items[:-1])}
+    return {**head, 'object': 'chat.completion', 'choices': [
+        {'index': 0, 'message': message, 'logprobs': None, 'finish_reason': _finish_reason(items[-1])}],
+        'usage': _usage(items[-1])}
+
+# %% ../nbs/91_serve.ipynb #141402d9
+def _sse(head: dict, choices: list, **extra) -> str:
+    "One server-sent event holding a chat.completion.chunk."
+    return f'data: {json.dumps({**head, "object": "chat.completion.chunk", "choices": choices, **extra})}\n\n'
+
+def _delta(delta: dict, finish_reason: str | None = None) -> list:
+    "The choices of a chunk: one, with what is new in the message."
+    return [{'index': 0, 'delta': delta, 'logprobs': None, 'finish_reason': finish_reason}]
+
+async def _openai_events(head: dict, events, include_usage: bool) -> AsyncIterator[str]:
+    "The worker's output as OpenAI's stream: the role, a delta per piece, the finish reason, [DONE]."
+    yield _sse(head, _delta({'role': 'assistant', 'content': ''}))
+    try:
+        async for item in events:
+            if isinstance(item, str):
+                yield _sse(head, _delta({'content': item}))
             else:
-                text, system = data.get('prompt') or '', data.get('system')
-                if not isinstance(text, str) or not isinstance(system, (str, type(None))):
-                    raise RequestError(400, 'prompt and system must be strings')
-                if not text:
-                    ids = []
-                elif chat.template == 'alpaca' or _flag(data, 'raw', False):
-                    ids = await prompt_ids(chat.encode, text)
-                else:
-                    messages = ([{'role': 'system', 'content': system}] if system else []) + [{'role': 'user', 'content': text}]
-                    ids = await prompt_ids(chat.encode_chat, messages, _flag(data, 'think', False))
-        except RequestError as e:
-            return _ollama_error(e)
+                yield _sse(head, _delta({}, _finish_reason(item)))
+                if include_usage:
+                    yield _sse(head, [], usage=_usage(item))
+    except Exception as e:
+        error = {'message': f'generation failed: {e}', 'type': 'server_error'}
+        yield f'data: {json.dumps({"error": error})}\n\n'
+    yield 'data: [DONE]\n\n'
 
-        def chunk(text: str, done: bool = False) -> dict:
-            body = {'message': {'role': 'assistant', 'content': text}} if chat_route else {'response': text}
-            return {'model': model_name, 'created_at': _now(), **body, 'done': done}
-
-        if not ids:                # Ollama's answer to an empty request: the model is loaded
-            return JSONResponse({**chunk('', True), 'done_reason': 'load'})
-
-        def final(stats: dict, text: str = '') -> dict:
-            return {**chunk(text, True), 'done_reason': stats['done_reason'],
-                    'total_duration': _ns(stats['prompt_seconds'] + stats['eval_seconds']), 'load_duration': 0,
-                    'prompt_eval_count': stats['prompt_tokens'], 'prompt_eval_duration': _ns(stats['prompt_seconds']),
-                    'eval_count': stats['completion_tokens'], 'eval_duration': _ns(stats['eval_seconds'])}
-
-        events = worker.stream(ids, sampling)
-        if not stream:
-            try:
-                items = [item async for item in events]
-            except Exception as e:
-                return JSONResponse({'error': f'generation failed: {e}'}, status_code=500)
-            return JSONResponse(final(items[-1], ''.join(items[:-1])))
-
-        async def lines():
-            try:
-                async for item in events:
-                    yield json.dumps(chunk(item) if isinstance(item, str) else final(item)) + '\n'
-            except Exception as e:   # the status line has gone: report in the stream, as Ollama does
-                yield json.dumps({'error': f'generation failed: {e}'}) + '\n'
-        return StreamingResponse(lines(), media_type='application/x-ndjson')
-
-    async def ollama_chat(request: Request):
-        return await ollama(request, chat_route=True)
-
-    async def ollama_generate(request: Request):
-        return await ollama(request, chat_route=False)
-
-    async def ollama_tags(request: Request):
-        digest = hashlib.sha256(f'{model_name}:{n_params}:{created}'.encode()).hexdigest()
-        return JSONResponse({'models': [{
-            'name': model_name, 'model': model_name, 'modified_at': datetime.fromtimestamp(created, timezone.utc).isoformat(),
-            'size': sum(p.numel() * p.element_size() for p in model.parameters()), 'digest': digest,
-            'details': {'format': 'pytorch', 'family': type(model).__name__, 'families': [type(model).__name__],
-                        'parameter_size': _parameter_size(n_params), 'quantization_level': dtype}}]})
-
-    async def ollama_version(request: Request):
-        from llm_from_scratch import __version__
-        return JSONResponse({'version': __version__})
-
-    async def openai_chat(request: Request):
+# %% ../nbs/91_serve.ipynb #70c1b6bf
+async def _openai_chat(served: ServedModel, request: Request):
+    "Answer OpenAI's /v1/chat/completions."
+    try:
+        data = await _json_body(request)
+        _check_model(served, data)
+        stream = _flag(data, 'stream', False)
+        if data.get('n') not in (None, 1):
+            raise RequestError(400, 'n must be 1: this server writes one answer per request')
+        if data.get('tools'):
+            raise RequestError(400, 'tools are not supported by this server')
+        key = 'max_completion_tokens' if data.get('max_completion_tokens') is not None else 'max_tokens'
+        sampling = parse_sampling(data, served.defaults, served.max_tokens_limit, served.worker.vocab_size,
+                                  length_key=key)
+        messages = check_messages(data.get('messages'))
+        if not messages:
+            raise RequestError(400, 'messages must not be empty')
+        ids = await _prompt_ids(served, served.chat.encode_chat, messages)
+        stream_options = data.get('stream_options') or {}
+        include_usage = isinstance(stream_options, dict) and _flag(stream_options, 'include_usage', False)
+    except RequestError as e:
+        return _openai_error(e)
+    head = {'id': f'chatcmpl-{uuid.uuid4().hex}', 'created': int(time.time()), 'model': served.model_name}
+    events = served.worker.stream(ids, sampling)
+    if not stream:
         try:
-            data = await _json_body(request)
-            check_model(data)
-            stream = _flag(data, 'stream', False)
-            if data.get('n') not in (None, 1):
-                raise RequestError(400, 'n must be 1: this server writes one answer per request')
-            if data.get('tools'):
-                raise RequestError(400, 'tools are not supported by this server')
-            key = 'max_completion_tokens' if data.get('max_completion_tokens') is not None else 'max_tokens'
-            sampling = parse_sampling(data, defaults, max_tokens_limit, worker.vocab_size, length_key=key)
-            messages = check_messages(data.get('messages'))
-            if not messages:
-                raise RequestError(400, 'messages must not be empty')
-            ids = await prompt_ids(chat.encode_chat, messages)
-            stream_options = data.get('stream_options') or {}
-            usage_chunk = isinstance(stream_options, dict) and _flag(stream_options, 'include_usage', False)
-        except RequestError as e:
-            return _openai_error(e)
+            items = [item async for item in events]
+        except Exception as e:
+            return _openai_error(RequestError(500, f'generation failed: {e}'))
+        return JSONResponse(_openai_completion(head, items))
+    return StreamingResponse(_openai_events(head, events, include_usage), media_type='text/event-stream',
+                             headers={'Cache-Control': 'no-cache'})
 
-        head = {'id': f'chatcmpl-{uuid.uuid4().hex}', 'created': int(time.time()), 'model': model_name}
+async def _openai_models(served: ServedModel, request: Request):
+    return JSONResponse({'object': 'list', 'data': [{'id': served.model_name, 'object': 'model',
+                                                     'created': served.created, 'owned_by': 'llm-from-scratch'}]})
 
-        def usage(stats: dict) -> dict:
-            p, c = stats['prompt_tokens'], stats['completion_tokens']
-            return {'prompt_tokens': p, 'completion_tokens': c, 'total_tokens': p + c}
-
-        def reason(stats: dict) -> str:
-            return 'stop' if stats['done_reason'] == 'stop' else 'length'
-
-        events = worker.stream(ids, sampling)
-        if not stream:
-            try:
-                items = [item async for item in events]
-            except Exception as e:
-                return _openai_error(RequestError(500, f'generation failed: {e}'))
-            stats = items[-1]
-            return JSONResponse({**head, 'object': 'chat.completion', 'choices': [
-                {'index': 0, 'message': {'role': 'assistant', 'content': ''.join(items[:-1])}, 'logprobs': None,
-                 'finish_reason': reason(stats)}], 'usage': usage(stats)})
-
-        def event(choices: list, **extra) -> str:
-            return f'data: {json.dumps({**head, "object": "chat.completion.chunk", "choices": choices, **extra})}\n\n'
-
-        async def events_sse():
-            yield event([{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'logprobs': None, 'finish_reason': None}])
-            try:
-                async for item in events:
-                    if isinstance(item, str):
-                        yield event([{'index': 0, 'delta': {'content': item}, 'logprobs': None, 'finish_reason': None}])
-                    else:
-                        yield event([{'index': 0, 'delta': {}, 'logprobs': None, 'finish_reason': reason(item)}])
-                        if usage_chunk:
-                            yield event([], usage=usage(item))
-            except Exception as e:
-                yield f'data: {json.dumps({"error": {"message": f"generation failed: {e}", "type": "server_error"}})}\n\n'
-            yield 'data: [DONE]\n\n'
-        return StreamingResponse(events_sse(), media_type='text/event-stream', headers={'Cache-Control': 'no-cache'})
-
-    async def openai_models(request: Request):
-        return JSONResponse({'object': 'list', 'data': [{'id': model_name, 'object': 'model', 'created': created,
-                                                        'owned_by': 'llm-from-scratch'}]})
-
-    async def chat_page(request: Request):
-        return HTMLResponse(page)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        worker.open()
-        yield
-        await run_in_threadpool(worker.close)   # ends the running generation after its current token
-
-    app = Starlette(routes=[
-        Route('/', chat_page),
-        Route('/api/chat', ollama_chat, methods=['POST']),
-        Route('/api/generate', ollama_generate, methods=['POST']),
-        Route('/api/tags', ollama_tags),
-        Route('/api/version', ollama_version),
-        Route('/v1/chat/completions', openai_chat, methods=['POST']),
-        Route('/v1/models', openai_models),
-    ], lifespan=lifespan)
-    app.state.worker, app.state.model_name = worker, model_name
-    return app
-
-# %% ../nbs/91_serve.ipynb #25d9c83b
-CHAT_PAGE = """<!doctype html>
+# %% ../nbs/91_serve.ipynb #14554c0e
+_CHAT_HTML = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -621,7 +665,10 @@ CHAT_PAGE = """<!doctype html>
   seed <input id="seed" type="number" step="1" value="123">
 </div>
 <script>
-const MODEL = __MODEL__;
+"""
+
+# %% ../nbs/91_serve.ipynb #a69be7ff
+_CHAT_SEND = """const MODEL = __MODEL__;
 const history = [];
 const $ = (id) => document.getElementById(id);
 
@@ -678,7 +725,10 @@ async function send(text) {
   }
 }
 
-$("chat").addEventListener("submit", (event) => {
+"""
+
+# %% ../nbs/91_serve.ipynb #034dff7d
+_CHAT_EVENTS = """$("chat").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("prompt").value.trim();
   if (!text || $("send").disabled) return;
@@ -693,6 +743,69 @@ $("reset").addEventListener("click", () => { history.length = 0; $("messages").r
 </body>
 </html>
 """
+
+CHAT_PAGE = _CHAT_HTML + _CHAT_SEND + _CHAT_EVENTS
+
+# %% ../nbs/91_serve.ipynb #0022800f
+async def _chat_page(served: ServedModel, request: Request):
+    "The chat page, with the served model's name in its title and its script."
+    name = served.model_name
+    script_name = json.dumps(name).replace('<', '\\u003c')
+    return HTMLResponse(CHAT_PAGE.replace('__TITLE__', html.escape(name)).replace('__MODEL__', script_name))
+
+# %% ../nbs/91_serve.ipynb #943fd5e2
+def _endpoint(route, served: ServedModel):
+    "A Starlette endpoint answering with route(served, request)."
+    async def endpoint(request: Request):
+        return await route(served, request)
+    endpoint.__name__ = endpoint.__qualname__ = route.__name__.lstrip('_')
+    return endpoint
+
+def _lifespan(worker: ModelWorker):
+    "Start the worker thread with the server; at shutdown, end it after its current token."
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        worker.open()
+        yield
+        await run_in_threadpool(worker.close)
+    return lifespan
+
+# %% ../nbs/91_serve.ipynb #acd99142
+def create_app(
+    # any model of the package, called as model(idx, cache=...), with model.cfg
+    model: nn.Module,
+    # its tokenizer (tiktoken gpt2, Llama3Tokenizer/ChatFormat, Qwen3Tokenizer, GemmaTokenizer)
+    tokenizer,
+    # the name clients ask for ("name" and "name:latest" both match)
+    model_name: str = 'llm-from-scratch',
+    *,
+    max_tokens: int = 256,              # tokens generated when a request sets no length
+    max_tokens_limit: int = 4096,       # the most tokens a request may ask for
+    temperature: float = 0.0,           # temperature when a request sets none (0: greedy)
+    # generation ends at these ids (None: the tokenizer's end of text and turn)
+    stop_ids: Iterable[int] | None = None,
+) -> Starlette:  # an ASGI application: run it with uvicorn (see serve, BackgroundServer)
+    "An HTTP app serving `model`: Ollama's chat, generate and tags routes, OpenAI's chat completions, a chat page."
+    if not isinstance(max_tokens, int) or not 0 <= max_tokens <= max_tokens_limit:
+        raise ValueError(f'max_tokens must be between 0 and max_tokens_limit={max_tokens_limit}, '
+                         f'not {max_tokens!r}')
+    if temperature < 0:
+        raise ValueError(f'temperature must be >= 0, not {temperature!r}')
+    chat = ChatTokenizer(tokenizer, stop_ids)
+    served = ServedModel(model, model_name, chat, ModelWorker(model, chat),
+                         Sampling(max_new_tokens=max_tokens, temperature=temperature), max_tokens_limit,
+                         int(time.time()))
+    app = Starlette(routes=[
+        Route('/', _endpoint(_chat_page, served)),
+        Route('/api/chat', _endpoint(_ollama_chat, served), methods=['POST']),
+        Route('/api/generate', _endpoint(_ollama_generate, served), methods=['POST']),
+        Route('/api/tags', _endpoint(_ollama_tags, served)),
+        Route('/api/version', _endpoint(_ollama_version, served)),
+        Route('/v1/chat/completions', _endpoint(_openai_chat, served), methods=['POST']),
+        Route('/v1/models', _endpoint(_openai_models, served)),
+    ], lifespan=_lifespan(served.worker))
+    app.state.worker, app.state.model_name, app.state.served = served.worker, model_name, served
+    return app
 
 # %% ../nbs/91_serve.ipynb #19956ea3
 def _bind(host: str, port: int) -> socket.socket:
@@ -711,7 +824,7 @@ class BackgroundServer:
     "Run an ASGI app with uvicorn in a background thread; a context manager that stops it on exit."
     def __init__(
         self,
-        app,                        # an ASGI app, such as `create_app`'s
+        app,                        # an ASGI app, such as create_app's
         host: str = '127.0.0.1',
         port: int = 0,              # 0: a free port chosen by the system
         log_level: str = 'warning',
@@ -749,13 +862,14 @@ class BackgroundServer:
     def __exit__(self, *exc):
         self.stop()
 
-# %% ../nbs/91_serve.ipynb #fff68392
+# %% ../nbs/91_serve.ipynb #88f0c59c
 _TOKENIZER_LOADERS = ((PRETRAINED_QWEN3, load_qwen3_tokenizer), (PRETRAINED_LLAMA, load_llama3_tokenizer),
                       (PRETRAINED_GEMMA3, load_gemma3_tokenizer))
 
 def _load(source, weights=None, device=None, dtype=None):
     "(model, tokenizer, default name) for a checkpoint or run folder, or a named model of the command line."
-    from llm_from_scratch.cli import load_model_for_cli   # the command line imports this module: import it when needed
+    # the command line imports this module: import it when needed
+    from llm_from_scratch.cli import load_model_for_cli
     path = Path(source).expanduser()
     weights = None if weights is None else Path(weights).expanduser()
     if path.exists():
@@ -766,19 +880,23 @@ def _load(source, weights=None, device=None, dtype=None):
         args = argparse.Namespace(checkpoint=None, model=str(source), device=device, weights=weights, dtype=dtype)
         name = str(source)
     model, tokenizer = load_model_for_cli(args)
-    for registry, load_tokenizer in _TOKENIZER_LOADERS:   # chat models: the tokenizer itself, for whole conversations
+    # chat models: the tokenizer itself, for whole conversations
+    for registry, load_tokenizer in _TOKENIZER_LOADERS:
         if args.model in registry:
             tokenizer = load_tokenizer(weights or args.model)
     return model, tokenizer, name
 
+# %% ../nbs/91_serve.ipynb #ef799c49
 def serve(
-    model,                      # an nn.Module, a checkpoint or run folder, or the name of a model the command line loads
+    # an nn.Module, a checkpoint or run folder, or the name of a model the command line loads
+    model,
     tokenizer=None,             # the tokenizer, with an nn.Module
     model_name: str | None = None,  # the name clients use (default: the folder's or model's name)
     host: str = '127.0.0.1',    # 0.0.0.0 serves every network interface
     port: int = 11434,          # Ollama's port
     *,
-    weights: str | Path | None = None,  # local files for a named model (see `llm-from-scratch generate --help`)
+    # local files for a named model (see llm-from-scratch generate --help)
+    weights: str | Path | None = None,
     device: str | None = None,  # cpu, cuda, mps (default: the best available)
     dtype: str | None = None,   # float32, bfloat16 or float16 (default: the weights')
     log_level: str = 'info',
@@ -803,11 +921,12 @@ def serve(
           'Ctrl+C stops', flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
-    except KeyboardInterrupt:   # uvicorn shuts down cleanly on Ctrl+C, then raises it again for its caller
+    # uvicorn shuts down cleanly on Ctrl+C, then raises it again for its caller
+    except KeyboardInterrupt:
         pass
     print(f'stopped serving {name}', flush=True)
 
-# %% ../nbs/91_serve.ipynb #736f264e
+# %% ../nbs/91_serve.ipynb #9b5d17fc
 def cmd_serve(args: argparse.Namespace) -> int:
     "Run the `serve` subcommand."
     from llm_from_scratch.cli import CLIError
@@ -824,6 +943,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           log_level=getattr(args, 'log_level', 'info'))
     return 0
 
+# %% ../nbs/91_serve.ipynb #b40f5939
 def add_cli_parser(sub) -> None:
     "The `serve` subcommand's options."
     p = sub.add_parser('serve', help='serve a model over HTTP: Ollama and OpenAI APIs and a chat page',
