@@ -136,7 +136,7 @@ def preference_collate_fn(
 def compute_logprobs(
     logits: torch.Tensor,                        # (b, T, vocab_size)
     labels: torch.Tensor,                        # the input token ids, (b, T)
-    selection_mask: torch.Tensor | None = None,  # (b, T): True for the tokens to score, e.g. `chosen_mask`
+    selection_mask: torch.Tensor | None = None,  # (b, T): True for the tokens to score, e.g. chosen_mask
 ) -> torch.Tensor:                               # (b,): mean log-probability of the selected tokens
     "Mean log-probability of each sequence's next tokens, over the tokens `selection_mask` selects (all, if None)."
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
@@ -172,12 +172,12 @@ def compute_dpo_loss(
     rejected_rewards = (model_rejected_logprobs - reference_rejected_logprobs).detach()
     return losses.mean(), chosen_rewards.mean(), rejected_rewards.mean()
 
-# %% ../nbs/07b_dpo.ipynb #a48c10e4
+# %% ../nbs/07b_dpo.ipynb #5e7827ad
 def compute_dpo_loss_batch(
-    batch: dict,                 # from `preference_collate_fn`: chosen, rejected and their masks, on the models' device
+    batch: dict,                 # from preference_collate_fn: chosen, rejected and their masks, on the models' device
     policy_model: nn.Module,     # the model being trained
     reference_model: nn.Module,  # the frozen reference
-    beta: float,                 # see `compute_dpo_loss`
+    beta: float,                 # see compute_dpo_loss
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (loss, chosen reward, rejected reward), batch means
     "The DPO loss of one batch: log-probabilities of both answers under the policy and, without gradients, the reference."
     policy_chosen_log_probas = compute_logprobs(
@@ -200,8 +200,9 @@ def compute_dpo_loss_batch(
     )
     return loss, chosen_rewards, rejected_rewards
 
+# %% ../nbs/07b_dpo.ipynb #c59d1810
 def compute_dpo_loss_loader(
-    data_loader,                 # yields `preference_collate_fn` batches
+    data_loader,                 # yields preference_collate_fn batches
     policy_model: nn.Module,
     reference_model: nn.Module,
     beta: float,
@@ -225,6 +226,7 @@ def compute_dpo_loss_loader(
         total_rejected_rewards += rejected_rewards.item()
     return total_loss / num_batches, total_chosen_rewards / num_batches, total_rejected_rewards / num_batches
 
+# %% ../nbs/07b_dpo.ipynb #63d64816
 def evaluate_dpo_loss_loader(
     policy_model: nn.Module,
     reference_model: nn.Module,
@@ -262,8 +264,8 @@ def train_model_dpo_simple(
     optimizer: torch.optim.Optimizer,  # over the policy's parameters only
     num_epochs: int,
     beta: float,
-    eval_freq: int,      # evaluate every `eval_freq` optimizer steps (and at step 0)
-    eval_iter: int,      # batches per evaluation, see `evaluate_dpo_loss_loader`
+    eval_freq: int,      # evaluate every eval_freq optimizer steps (and at step 0)
+    eval_iter: int,      # batches per evaluation, see evaluate_dpo_loss_loader
     start_context: str,  # prompt of the sample printed after each epoch
     tokenizer,
 ) -> dict:  # lists: train/val losses, train/val chosen and rejected rewards, tokens_seen, at each evaluation
@@ -309,7 +311,7 @@ def train_model_dpo_simple(
 
 # %% ../nbs/07b_dpo.ipynb #c623ac53
 def plot_dpo_tracking(
-    tracking: dict,   # what `train_model_dpo_simple` returns
+    tracking: dict,   # what train_model_dpo_simple returns
     num_epochs: int,  # the run's epochs: the evaluations are spread evenly over them
 ):                    # the matplotlib Figure
     "DPO loss and reward margin (chosen minus rejected reward) for training and validation, against epochs."
@@ -339,7 +341,7 @@ def finetune_dpo(
     lr: float = 5e-6,                  # AdamW's learning rate (the book's)
     batch_size: int = 8,
     out_dir: str | Path | None = None, # where to save; None: data_home()/'checkpoints'/'<base>-dpo'
-    device=None,                       # None: `get_device()`
+    device=None,                       # None: get_device()
     seed: int = 123,
     allowed_max_length: int | None = None,  # None: the model's context length
     eval_freq: int = 5,                # evaluate every this many steps (the book's 5)

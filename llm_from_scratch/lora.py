@@ -100,8 +100,8 @@ def replace_linear_with_lora(
 
 # %% ../nbs/06b_lora.ipynb #7e96a7bd
 def merge_lora(
-    model: nn.Module,  # a model with `LinearWithLoRA` layers; changed in place
-) -> nn.Module:        # the same model, with plain `nn.Linear` layers in their place
+    model: nn.Module,  # a model with LinearWithLoRA layers; changed in place
+) -> nn.Module:        # the same model, with plain nn.Linear layers in their place
     "Fold every LoRA update into its linear layer's weight and remove the adapters."
     for name, module in model.named_children():
         if isinstance(module, LinearWithLoRA):
@@ -110,7 +110,7 @@ def merge_lora(
             merge_lora(module)
     return model
 
-# %% ../nbs/06b_lora.ipynb #8b75e17b
+# %% ../nbs/06b_lora.ipynb #ae844d1d
 def _split_own_data(path: Path, batch_size: int):
     "A `label<TAB>text` file as (train, validation, test) data frames with 0/1 labels, split 70/10/20."
     df = read_labeled_tsv(path, SPAM_LABELS)
@@ -121,9 +121,30 @@ def _split_own_data(path: Path, batch_size: int):
                          'and non-empty validation and test sets (70/10/20)')
     return parts
 
+# %% ../nbs/06b_lora.ipynb #a0391d5b
+def _spam_datasets(parts, tokenizer, context_length: int):
+    "Training, validation and test SpamDatasets, padded to the longest training text but never past the context."
+    train_dataset = SpamDataset(parts[0], tokenizer)
+    if train_dataset.max_length > context_length:  # texts longer than the context are truncated
+        train_dataset = SpamDataset(parts[0], tokenizer, max_length=context_length)
+    val_dataset, test_dataset = (SpamDataset(p, tokenizer, max_length=train_dataset.max_length) for p in parts[1:])
+    return train_dataset, val_dataset, test_dataset
+
+def _make_trainable(model: nn.Module, lora_rank: int | None, lora_alpha: float | None, trainable_blocks: int | None):
+    "Add the two-class head, then leave trainable the last blocks (chapter 6) or only LoRA adapters (this page)."
+    if lora_rank is None:
+        add_classification_head(model, num_classes=len(SPAM_LABELS), trainable_blocks=trainable_blocks)
+    else:
+        add_classification_head(model, num_classes=len(SPAM_LABELS), trainable_blocks=None)
+        for param in model.parameters():
+            param.requires_grad = False
+        replace_linear_with_lora(model, lora_rank, lora_rank if lora_alpha is None else lora_alpha)
+    return model
+
+# %% ../nbs/06b_lora.ipynb #e39ba7e1
 def finetune_classifier(
     base,                              # 'gpt2-124m' (or another GPT-2 name), a weights file, a trainer checkpoint folder, or a GPTModel
-    data: str | Path | None = None,    # a `label<TAB>text` file with labels ham and spam; None: the SMS Spam Collection
+    data: str | Path | None = None,    # a label<TAB>text file with labels ham and spam; None: the SMS Spam Collection
     lora_rank: int | None = None,      # train LoRA adapters of this rank (appendix E) instead of the last blocks
     lora_alpha: float | None = None,   # the adapters' scale; None: equal to the rank (the book's 16 and 16)
     trainable_blocks: int | None = 1,  # without LoRA: the last blocks to train (the book's 1); None: every weight
@@ -133,10 +154,10 @@ def finetune_classifier(
     batch_size: int = 8,
     last_token: str = 'non_pad',       # classify from each text's last real token, or 'book': the last position
     out_dir: str | Path | None = None, # where to save; None: data_home()/'classifiers'/NAME
-    device=None,                       # None: `get_device()`
+    device=None,                       # None: get_device()
     seed: int = 123,
     quiet: bool = False,               # no training log
-) -> Path:                             # the saved classifier's checkpoint folder (for `load_classifier`)
+) -> Path:                             # the saved classifier's checkpoint folder (for load_classifier)
     "Fine-tune a GPT into a ham/spam classifier (the last blocks, all weights, or LoRA adapters) and save it, merged."
     if last_token not in LAST_TOKEN_CHOICES:
         raise ValueError(f'last_token must be one of {LAST_TOKEN_CHOICES}, not {last_token!r}')
@@ -150,19 +171,10 @@ def finetune_classifier(
         parts = _split_own_data(Path(data), batch_size)
     model = load_base_model(base, device, drop_rate=drop_rate)
     device = next(model.parameters()).device
-    train_dataset = SpamDataset(parts[0], tokenizer)
-    if train_dataset.max_length > model.cfg['context_length']:  # texts longer than the context are truncated
-        train_dataset = SpamDataset(parts[0], tokenizer, max_length=model.cfg['context_length'])
-    val_dataset, test_dataset = (SpamDataset(p, tokenizer, max_length=train_dataset.max_length) for p in parts[1:])
+    train_dataset, val_dataset, test_dataset = _spam_datasets(parts, tokenizer, model.cfg['context_length'])
 
     torch.manual_seed(seed)
-    if lora_rank is None:
-        add_classification_head(model, num_classes=len(SPAM_LABELS), trainable_blocks=trainable_blocks)
-    else:
-        add_classification_head(model, num_classes=len(SPAM_LABELS), trainable_blocks=None)
-        for param in model.parameters():
-            param.requires_grad = False
-        replace_linear_with_lora(model, lora_rank, lora_rank if lora_alpha is None else lora_alpha)
+    _make_trainable(model, lora_rank, lora_alpha, trainable_blocks)
     train_loader = DataLoader(train_dataset, batch_size=batch_size, shuffle=True, drop_last=True)
     val_loader = DataLoader(val_dataset, batch_size=batch_size)
     test_loader = DataLoader(test_dataset, batch_size=batch_size)

@@ -25,6 +25,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fastcore.basics import patch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -69,7 +70,7 @@ TOKEN_FILE_MAGIC = b'llm-from-scratch tokens\n'
 _HEADER_BYTES = 1024
 
 def token_file_meta(
-    path: str | Path,  # a file written by `tokenize_to_file`
+    path: str | Path,  # a file written by tokenize_to_file
 ) -> dict:             # its header: dtype, n_tokens, vocab_size, tokenizer, source
     "Read and check a token file's header; a ValueError names a file that is not one or is truncated."
     path = Path(path)
@@ -87,7 +88,7 @@ def token_file_meta(
     return meta
 
 def read_token_file(
-    path: str | Path,  # a file written by `tokenize_to_file`
+    path: str | Path,  # a file written by tokenize_to_file
 ) -> np.ndarray:       # its token ids, (n_tokens,), memory-mapped read-only
     "The token ids of a token file, memory-mapped: nothing is read until it is indexed."
     meta = token_file_meta(path)
@@ -117,7 +118,7 @@ def tokenize_to_file(
     tokenizer=None,                 # has .encode(text) -> ids and .n_vocab; default GPT-2's BPE (tiktoken)
     chunk_bytes: int = 1 << 22,     # bytes of text read and tokenized at a time
     quiet: bool = False,            # hide the progress bar
-) -> Path:                          # `out_path`
+) -> Path:                          # out_path
     "Tokenize a text file piece by piece into a token file (uint16 ids when the vocabulary allows), with a progress bar."
     name = str(text_path_or_name)
     src = download(name, quiet=quiet) if name in REGISTRY and not Path(name).exists() else Path(name)
@@ -155,9 +156,9 @@ class TokenWindows(Dataset):
     "Input and target windows of `max_length` tokens, `stride` apart, sliced from token ids on disk or in memory."
     def __init__(
         self,
-        tokens,                    # a token file's path, or an array of token ids (e.g. a slice of `read_token_file`)
+        tokens,                    # a token file's path, or an array of token ids (e.g. a slice of read_token_file)
         max_length: int,           # tokens per window
-        stride: int | None = None, # tokens between window starts; default `max_length` (no overlap)
+        stride: int | None = None, # tokens between window starts; default max_length (no overlap)
     ):
         self.tokens = read_token_file(tokens) if isinstance(tokens, (str, Path)) else tokens
         self.max_length, self.stride = max_length, stride or max_length
@@ -193,8 +194,8 @@ def epoch_order(
     return torch.randperm(n, generator=g)
 
 def batch_indices(
-    order: torch.Tensor,  # the epoch's order, from `epoch_order`
-    start: int,           # position in `order` where this global batch starts
+    order: torch.Tensor,  # the epoch's order, from epoch_order
+    start: int,           # position in order where this global batch starts
     batch_size: int,      # examples per process
     rank: int = 0,        # this process
     world_size: int = 1,  # number of processes
@@ -232,10 +233,10 @@ def lr_factor(
     max_steps: int,           # the run's length in optimizer steps
     lr: float,                # the peak learning rate
     warmup_steps: int = 0,    # linear warm-up length
-    initial_lr: float | None = None,  # the rate at step 0; None: `min_lr`
+    initial_lr: float | None = None,  # the rate at step 0; None: min_lr
     min_lr: float | None = None,      # the rate at the end; None: lr / 10
-    schedule: str = 'cosine', # 'cosine' (appendix D's `calc_lr`) or 'constant'
-) -> float:                   # the learning rate at `step`, divided by `lr`
+    schedule: str = 'cosine', # 'cosine' (appendix D's calc_lr) or 'constant'
+) -> float:                   # the learning rate at step, divided by lr
     "`LambdaLR`'s factor: appendix D's warm-up and cosine decay (`calc_lr`) relative to the peak, or 1."
     if schedule not in SCHEDULES:
         raise ValueError(f'schedule must be one of {SCHEDULES}, not {schedule!r}')
@@ -287,7 +288,7 @@ def autocast_dtype(
         raise ValueError(f'precision bf16 was asked for, but {torch.cuda.get_device_name(device)} does not support it')
     return torch.bfloat16 if precision == 'bf16' else None
 
-# %% ../nbs/05c_training_at_scale.ipynb #98dec7b0
+# %% ../nbs/05c_training_at_scale.ipynb #0620c487
 class CheckpointError(ValueError):
     "A checkpoint is missing, incomplete, corrupt or does not fit the model; the message names the file."
 
@@ -308,6 +309,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     model = model.module if isinstance(model, DDP) else model
     return getattr(model, '_orig_mod', model)
 
+# %% ../nbs/05c_training_at_scale.ipynb #ef628119
 def _weights_for_file(weights: dict) -> tuple[dict, dict]:
     "CPU tensors for safetensors, which refuses shared memory: a tensor seen twice is stored once and its alias noted."
     out, aliases, seen, storages = {}, {}, {}, set()
@@ -323,6 +325,7 @@ def _weights_for_file(weights: dict) -> tuple[dict, dict]:
         storages.add(key[0])
     return out, aliases
 
+# %% ../nbs/05c_training_at_scale.ipynb #d9120080
 def save_checkpoint(
     run_dir: str | Path,        # the run's folder; the checkpoint becomes run_dir/step-NNNNNNNN
     model,                      # an nn.Module, or a state dict of its weights
@@ -370,11 +373,9 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     return final
 
-# %% ../nbs/05c_training_at_scale.ipynb #28afb37b
-_RUNTIME_KEYS = ('attn_impl', 'drop_rate')  # how a model runs, not what its weights mean: may differ on loading
-
+# %% ../nbs/05c_training_at_scale.ipynb #e4bd8df7
 def find_checkpoint(
-    path: str | Path,  # a run folder (with `latest`) or a checkpoint folder
+    path: str | Path,  # a run folder (with latest) or a checkpoint folder
 ) -> Path:             # the checkpoint folder
     "The checkpoint folder `path` names: itself, or the one its `latest` file points to."
     path = Path(path)
@@ -389,6 +390,7 @@ def find_checkpoint(
         return path
     raise CheckpointError(f'{path} is not a checkpoint: it has no latest, manifest.json or config.json')
 
+# %% ../nbs/05c_training_at_scale.ipynb #03a50774
 def _verify_files(ckpt: Path, verify: bool) -> None:
     "Check that the checkpoint's files are there with the manifest's sizes (and checksums, if `verify`)."
     for name in CHECKPOINT_FILES:
@@ -408,6 +410,9 @@ def _verify_files(ckpt: Path, verify: bool) -> None:
         if verify and sha256sum(ckpt/name) != want['sha256']:
             raise CheckpointError(f'{ckpt/name} does not match the SHA-256 in the manifest: the file is corrupt')
 
+# %% ../nbs/05c_training_at_scale.ipynb #2faf58ec
+_RUNTIME_KEYS = ('attn_impl', 'drop_rate')  # how a model runs, not what its weights mean: may differ on loading
+
 def _check_model_config(saved: dict | None, model: nn.Module, where: Path) -> None:
     "Raise a CheckpointError naming the first config key on which the checkpoint and the model disagree."
     ours = getattr(_unwrap(model), 'cfg', None)
@@ -418,6 +423,7 @@ def _check_model_config(saved: dict | None, model: nn.Module, where: Path) -> No
             raise CheckpointError(f'{where}: the checkpoint\'s model config has {k!r} = {saved.get(k)!r}, '
                                   f'the model has {ours.get(k)!r}')
 
+# %% ../nbs/05c_training_at_scale.ipynb #ccd1be29
 def read_weights(
     path: Path,              # a model.safetensors file
     expected: dict | None = None,  # name -> tensor of the model to load into; checks names and shapes
@@ -442,6 +448,7 @@ def read_weights(
                                       f'the model\'s has {tuple(t.shape)}')
     return weights
 
+# %% ../nbs/05c_training_at_scale.ipynb #5c513971
 def checkpoint_config(
     path: str | Path,  # a run folder or a checkpoint folder
 ) -> dict:             # its config.json: step, model and training configs, tokenizer, ...
@@ -630,14 +637,14 @@ def _collate(items) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = zip(*items)
     return torch.stack(xs), torch.stack(ys)
 
-# %% ../nbs/05c_training_at_scale.ipynb #8a7bc2ef
+# %% ../nbs/05c_training_at_scale.ipynb #73542e95
 class Trainer:
     "Train a `model(idx) -> logits` on (input, target) windows, in one process or as one of several under `torchrun`."
     def __init__(
         self,
-        model: nn.Module,               # e.g. GPTModel(cfg); its config `.cfg` is saved with checkpoints
-        train_data: Dataset,            # (input ids, target ids) pairs, e.g. `TokenWindows`
-        val_data: Dataset | None = None,  # evaluated at `eval_interval` and at the end
+        model: nn.Module,               # e.g. GPTModel(cfg); its config .cfg is saved with checkpoints
+        train_data: Dataset,            # (input ids, target ids) pairs, e.g. TokenWindows
+        val_data: Dataset | None = None,  # evaluated at eval_interval and at the end
         cfg: TrainConfig | None = None,
         run_dir: str | Path | None = None,  # where checkpoints and log.jsonl go; None: nowhere
         tokenizer=None,                 # decodes the samples; default GPT-2's
@@ -676,239 +683,265 @@ class Trainer:
         self.history = {'step': [], 'loss': [], 'lr': [], 'tokens_seen': [], 'eval_step': [], 'val_loss': []}
         self.last_checkpoint, self._seeded = None, False
 
-    def _shard(self, model: nn.Module) -> None:
-        "FSDP: shard each transformer block, then the rest, over all processes."
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        for block in getattr(model, 'trf_blocks', []):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+# %% ../nbs/05c_training_at_scale.ipynb #ae0b4ed8
+@patch
+def _shard(self: Trainer, model: nn.Module) -> None:
+    "FSDP: shard each transformer block, then the rest, over all processes."
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(self.device.type, (self.world_size,))
+    for block in getattr(model, 'trf_blocks', []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
-    def log(self, msg: str) -> None:
-        "Print on rank 0 only, without breaking the progress bar."
-        if self.rank == 0:
-            tqdm.write(msg)
+# %% ../nbs/05c_training_at_scale.ipynb #9da63000
+@patch
+def log(self: Trainer, msg: str) -> None:
+    "Print on rank 0 only, without breaking the progress bar."
+    if self.rank == 0:
+        tqdm.write(msg)
 
-    def _log_json(self, record: dict) -> None:
-        "Append a line to run_dir/log.jsonl (rank 0 only)."
-        if self.rank == 0 and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir/'log.jsonl', 'a') as f:
-                f.write(json.dumps(record) + '\n')
+@patch
+def _log_json(self: Trainer, record: dict) -> None:
+    "Append a line to run_dir/log.jsonl (rank 0 only)."
+    if self.rank == 0 and self.run_dir is not None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir/'log.jsonl', 'a') as f:
+            f.write(json.dumps(record) + '\n')
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+# %% ../nbs/05c_training_at_scale.ipynb #bd2bbbf4
+@patch
+def _autocast(self: Trainer):
+    return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
-    def _no_sync(self, last: bool):
-        "Skip the gradient all-reduce on all but the last micro-batch of a step."
-        if last:
-            return contextlib.nullcontext()
-        if self.ddp is not None:
-            return self.ddp.no_sync()
-        if self.fsdp:
-            self.raw.set_requires_gradient_sync(False)
-            return contextlib.nullcontext()
+@patch
+def _no_sync(self: Trainer, last: bool):
+    "Skip the gradient all-reduce on all but the last micro-batch of a step."
+    if last:
         return contextlib.nullcontext()
+    if self.ddp is not None:
+        return self.ddp.no_sync()
+    if self.fsdp:
+        self.raw.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext()
 
-    def _mean_over_ranks(self, t: torch.Tensor) -> float:
-        "Average a scalar over the processes."
-        if self.world_size > 1:
-            t = t.clone()
-            dist.all_reduce(t)  # sum (Gloo has no average)
-            t /= self.world_size
-        return t.item()
+@patch
+def _mean_over_ranks(self: Trainer, t: torch.Tensor) -> float:
+    "Average a scalar over the processes."
+    if self.world_size > 1:
+        t = t.clone()
+        dist.all_reduce(t)  # sum (Gloo has no average)
+        t /= self.world_size
+    return t.item()
 
-    def _micro_batches(self):
-        "Yield (x, y) micro-batches forever, starting at the saved data position and moving it on."
-        n, per_batch = len(self.train_data), self.cfg.batch_size * self.world_size
-        if n < per_batch:
-            raise ValueError(f'The training data has {n:,} windows, fewer than one batch of {per_batch} '
-                             f'({self.cfg.batch_size} per process × {self.world_size} processes): use a smaller batch_size')
-        while True:
-            order = epoch_order(n, self.cfg.seed, self.epoch, self.cfg.shuffle)
-            while self.position + per_batch <= n:
-                idx = batch_indices(order, self.position, self.cfg.batch_size, self.rank, self.world_size)
-                self.position += per_batch
-                yield _collate([self.train_data[int(i)] for i in idx])
-            self.epoch, self.position = self.epoch + 1, 0
+# %% ../nbs/05c_training_at_scale.ipynb #2e33853f
+@patch
+def _micro_batches(self: Trainer):
+    "Yield (x, y) micro-batches forever, starting at the saved data position and moving it on."
+    n, per_batch = len(self.train_data), self.cfg.batch_size * self.world_size
+    if n < per_batch:
+        raise ValueError(f'The training data has {n:,} windows, fewer than one batch of {per_batch} '
+                         f'({self.cfg.batch_size} per process × {self.world_size} processes): use a smaller batch_size')
+    while True:
+        order = epoch_order(n, self.cfg.seed, self.epoch, self.cfg.shuffle)
+        while self.position + per_batch <= n:
+            idx = batch_indices(order, self.position, self.cfg.batch_size, self.rank, self.world_size)
+            self.position += per_batch
+            yield _collate([self.train_data[int(i)] for i in idx])
+        self.epoch, self.position = self.epoch + 1, 0
 
-    def _forward_backward(self, batches) -> torch.Tensor:
-        "Forward and backward over the micro-batches; the mean loss, not yet synchronized."
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(batches):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = i == len(batches) - 1
-            if last and self.fsdp:
-                self.raw.set_requires_gradient_sync(True)
-            with self._no_sync(last):
-                with self._autocast():
-                    loss = calc_loss_batch(x, y, self.model, self.device)  # chapter 5's loss
-                (loss / len(batches)).backward()
-            total += loss.detach()
-        return total / len(batches)
-
-    def train_step(
-        self,
-        batches: list,  # `grad_accum` micro-batches of (input ids, target ids), each (batch_size, T)
-    ) -> float:         # the step's mean loss over all micro-batches and processes
-        "One optimizer step: forward and backward over `batches`, the NaN check, clipping, AdamW and the schedule."
-        self.model.train()
-        try:
-            loss = self._forward_backward(batches)
-        except Exception as e:  # torch.compile fails at its first call, not at torch.compile()
-            if self._compile_checked:
-                raise
-            warnings.warn(f'torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
-                          'training without it')
-            self.model = self.eager
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self._forward_backward(batches)
-        self._compile_checked = True
-        loss = self._mean_over_ranks(loss)
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            where = f'the last good checkpoint is {self.last_checkpoint}' if self.last_checkpoint else 'no checkpoint was written'
-            raise NonFiniteLossError(f'The loss is {loss} at step {self.step + 1}: training stopped before applying it; {where}.')
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens_seen += sum(x.numel() for x, _ in batches) * self.world_size
-        return loss
-
-    @torch.no_grad()
-    def evaluate(self) -> float | None:
-        "Mean loss over the first `eval_batches` validation batches (each rank takes its share); None without data."
-        if self.val_data is None:
-            return None
-        n = len(self.val_data)
-        bs = min(self.cfg.batch_size, n // self.world_size)
-        if bs == 0:
-            return None
-        order, per_batch = torch.arange(n), bs * self.world_size
-        n_batches = min(self.cfg.eval_batches, n // per_batch)
-        self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for j in range(n_batches):
-            x, y = _collate([self.val_data[int(i)] for i in batch_indices(order, j * per_batch, bs, self.rank, self.world_size)])
+# %% ../nbs/05c_training_at_scale.ipynb #b26eff9a
+@patch
+def _forward_backward(self: Trainer, batches) -> torch.Tensor:
+    "Forward and backward over the micro-batches; the mean loss, not yet synchronized."
+    total = torch.zeros((), device=self.device)
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        last = i == len(batches) - 1
+        if last and self.fsdp:
+            self.raw.set_requires_gradient_sync(True)
+        with self._no_sync(last):
             with self._autocast():
-                total += calc_loss_batch(x, y, self.model, self.device).float()
-        self.model.train()
-        return self._mean_over_ranks(total / n_batches)
+                loss = calc_loss_batch(x, y, self.model, self.device)  # chapter 5's loss
+            (loss / len(batches)).backward()
+        total += loss.detach()
+    return total / len(batches)
 
-    @torch.no_grad()
-    def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
-        "A greedy continuation of `prompt` (default the config's), decoded; uses no random numbers."
-        tok = self.tokenizer or tiktoken.get_encoding('gpt2')
-        idx = torch.tensor([tok.encode(prompt or self.cfg.sample_prompt)], device=self.device)  # (1, T)
-        model = self.raw if not self.fsdp else self.model
-        model.eval()
+# %% ../nbs/05c_training_at_scale.ipynb #2e505733
+@patch
+def train_step(
+    self: Trainer,
+    batches: list,  # grad_accum micro-batches of (input ids, target ids), each (batch_size, T)
+) -> float:         # the step's mean loss over all micro-batches and processes
+    "One optimizer step: forward and backward over `batches`, the NaN check, clipping, AdamW and the schedule."
+    self.model.train()
+    try:
+        loss = self._forward_backward(batches)
+    except Exception as e:  # torch.compile fails at its first call, not at torch.compile()
+        if self._compile_checked:
+            raise
+        warnings.warn(f'torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                      'training without it')
+        self.model = self.eager
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._forward_backward(batches)
+    self._compile_checked = True
+    loss = self._mean_over_ranks(loss)
+    if not math.isfinite(loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        where = f'the last good checkpoint is {self.last_checkpoint}' if self.last_checkpoint else 'no checkpoint was written'
+        raise NonFiniteLossError(f'The loss is {loss} at step {self.step + 1}: training stopped before applying it; {where}.')
+    if self.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+    self.optimizer.step()
+    self.scheduler.step()
+    self.optimizer.zero_grad(set_to_none=True)
+    self.step += 1
+    self.tokens_seen += sum(x.numel() for x, _ in batches) * self.world_size
+    return loss
+
+# %% ../nbs/05c_training_at_scale.ipynb #62d6ebd8
+@patch
+@torch.no_grad()
+def evaluate(self: Trainer) -> float | None:
+    "Mean loss over the first `eval_batches` validation batches (each rank takes its share); None without data."
+    if self.val_data is None:
+        return None
+    n = len(self.val_data)
+    bs = min(self.cfg.batch_size, n // self.world_size)
+    if bs == 0:
+        return None
+    order, per_batch = torch.arange(n), bs * self.world_size
+    n_batches = min(self.cfg.eval_batches, n // per_batch)
+    self.model.eval()
+    total = torch.zeros((), device=self.device)
+    for j in range(n_batches):
+        x, y = _collate([self.val_data[int(i)] for i in batch_indices(order, j * per_batch, bs, self.rank, self.world_size)])
         with self._autocast():
-            out = generate(model, idx, max_new_tokens or self.cfg.sample_tokens,
-                           context_size=self.raw.cfg['context_length'] if hasattr(self.raw, 'cfg') else None)
-        model.train()
-        return tok.decode(out[0].tolist())
+            total += calc_loss_batch(x, y, self.model, self.device).float()
+    self.model.train()
+    return self._mean_over_ranks(total / n_batches)
 
-    def state(self) -> dict:
-        "Everything besides the weights that a resumed run needs (a collective call under torchrun)."
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        rng = _rng_state()
-        if self.world_size > 1:
-            rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        return {'step': self.step, 'epoch': self.epoch, 'position': self.position, 'tokens_seen': self.tokens_seen,
-                'optimizer': get_optimizer_state_dict(self.raw, self.optimizer, options=full),
-                'scheduler': self.scheduler.state_dict(), 'rng': rngs, 'history': self.history, 'world_size': self.world_size}
+# %% ../nbs/05c_training_at_scale.ipynb #32a5f699
+@patch
+@torch.no_grad()
+def sample(self: Trainer, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
+    "A greedy continuation of `prompt` (default the config's), decoded; uses no random numbers."
+    tok = self.tokenizer or tiktoken.get_encoding('gpt2')
+    idx = torch.tensor([tok.encode(prompt or self.cfg.sample_prompt)], device=self.device)  # (1, T)
+    model = self.raw if not self.fsdp else self.model
+    model.eval()
+    with self._autocast():
+        out = generate(model, idx, max_new_tokens or self.cfg.sample_tokens,
+                       context_size=self.raw.cfg['context_length'] if hasattr(self.raw, 'cfg') else None)
+    model.train()
+    return tok.decode(out[0].tolist())
 
-    def save(self) -> Path | None:
-        "Write a checkpoint to run_dir (rank 0 writes; every rank takes part in gathering the states)."
-        if self.run_dir is None:
-            return None
-        weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        state = self.state()
-        if self.rank == 0:
-            tok = self.tokenizer or tiktoken.get_encoding('gpt2')
-            config = {'model': getattr(self.raw, 'cfg', None), 'train': asdict(self.cfg),
-                      'tokenizer': getattr(tok, 'name', None), 'world_size': self.world_size, 'meta': self.meta}
-            self.last_checkpoint = save_checkpoint(self.run_dir, weights, state, config, keep_last=self.cfg.keep_last)
-        if self.world_size > 1:
-            dist.barrier()
-            paths = [self.last_checkpoint]
-            dist.broadcast_object_list(paths, src=0)
-            self.last_checkpoint = paths[0]
-        return self.last_checkpoint
+# %% ../nbs/05c_training_at_scale.ipynb #b23ae599
+@patch
+def state(self: Trainer) -> dict:
+    "Everything besides the weights that a resumed run needs (a collective call under torchrun)."
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    rng = _rng_state()
+    if self.world_size > 1:
+        rngs = [None] * self.world_size
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    return {'step': self.step, 'epoch': self.epoch, 'position': self.position, 'tokens_seen': self.tokens_seen,
+            'optimizer': get_optimizer_state_dict(self.raw, self.optimizer, options=full),
+            'scheduler': self.scheduler.state_dict(), 'rng': rngs, 'history': self.history, 'world_size': self.world_size}
 
-    def load(self, path: str | Path, verify: bool = True) -> dict:
-        "Resume from a checkpoint: weights, optimizer, scheduler, step, data position, RNG states and history."
-        ckpt = find_checkpoint(path)
-        _verify_files(ckpt, verify)
-        info = load_checkpoint(ckpt, verify=False)
-        _check_model_config(info['config'].get('model'), self.raw, ckpt/'config.json')
-        weights = read_weights(ckpt/'model.safetensors', self.raw.state_dict())  # global shapes, even when sharded
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.raw, weights, options=full)
-        s = info['state']
-        set_optimizer_state_dict(self.raw, self.optimizer, s['optimizer'], options=full)
-        self.scheduler.load_state_dict(s['scheduler'])
-        self.step, self.epoch, self.position, self.tokens_seen = s['step'], s['epoch'], s['position'], s['tokens_seen']
-        self.history = s['history']
-        if len(s['rng']) == self.world_size:
-            _set_rng_state(s['rng'][self.rank])
-        else:
-            self.log(f'The checkpoint was written by {len(s["rng"])} processes, this run has {self.world_size}: '
-                     'dropout will not repeat the original run exactly.')
-            _set_rng_state(s['rng'][0])
-            torch.manual_seed(self.cfg.seed + 1000 * self.step + self.rank)
-        self.last_checkpoint, self._seeded = ckpt, True
-        if self.rank == 0 and self.run_dir is not None and (self.run_dir/'log.jsonl').is_file():
-            lines = (self.run_dir/'log.jsonl').read_text().splitlines(keepends=True)
-            with atomic_write(self.run_dir/'log.jsonl', 'w') as f:  # forget what the abandoned steps logged
-                f.writelines(line for line in lines if json.loads(line).get('step', 0) <= self.step)
-        return info
+@patch
+def save(self: Trainer) -> Path | None:
+    "Write a checkpoint to run_dir (rank 0 writes; every rank takes part in gathering the states)."
+    if self.run_dir is None:
+        return None
+    weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = self.state()
+    if self.rank == 0:
+        tok = self.tokenizer or tiktoken.get_encoding('gpt2')
+        config = {'model': getattr(self.raw, 'cfg', None), 'train': asdict(self.cfg),
+                  'tokenizer': getattr(tok, 'name', None), 'world_size': self.world_size, 'meta': self.meta}
+        self.last_checkpoint = save_checkpoint(self.run_dir, weights, state, config, keep_last=self.cfg.keep_last)
+    if self.world_size > 1:
+        dist.barrier()
+        paths = [self.last_checkpoint]
+        dist.broadcast_object_list(paths, src=0)
+        self.last_checkpoint = paths[0]
+    return self.last_checkpoint
 
-    def fit(
-        self,
-        resume: str | Path | None = None,  # a checkpoint or run folder to continue from
-        steps: int | None = None,          # stop after this many more steps (the schedule still spans max_steps)
-    ) -> dict:                             # the history: step, loss, lr, tokens_seen, eval_step, val_loss
-        "Train until `max_steps` (or `steps` more), with evaluation, samples and checkpoints at their intervals."
-        cfg = self.cfg
-        if resume is not None:
-            self.load(resume)
-            self.log(f'resumed from {self.last_checkpoint} at step {self.step}')
-        if not self._seeded:  # dropout masks differ between processes but repeat between runs
-            torch.manual_seed(cfg.seed + self.rank)
-            self._seeded = True
-        stop = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
-        batches = self._micro_batches()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, unit='step', desc='train',
-                   disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
-        t0, tokens0 = time.perf_counter(), self.tokens_seen
-        with bar:
-            while self.step < stop:
-                lr = self.optimizer.param_groups[0]['lr']
-                loss = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
-                tok_s = (self.tokens_seen - tokens0) / (time.perf_counter() - t0)
-                for k, v in zip(('step', 'loss', 'lr', 'tokens_seen'), (self.step, loss, lr, self.tokens_seen)):
-                    self.history[k].append(v)
-                self._log_json({'step': self.step, 'loss': loss, 'lr': lr, 'tokens_seen': self.tokens_seen, 'tok_per_s': tok_s})
-                bar.set_postfix_str(f'loss {loss:.3f} | {tok_s:,.0f} tok/s | lr {lr:.2e}', refresh=False)
-                bar.update(1)
-                last = self.step == stop
-                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or (last and self.step == cfg.max_steps):
-                    val = self.evaluate()
-                    if val is not None:
-                        self.history['eval_step'].append(self.step)
-                        self.history['val_loss'].append(val)
-                        self._log_json({'step': self.step, 'val_loss': val})
-                        self.log(f'step {self.step}: train loss {loss:.3f}, val loss {val:.3f}')
-                if cfg.sample_interval and self.step % cfg.sample_interval == 0 and (self.rank == 0 or self.fsdp):
-                    self.log(f'step {self.step}: {self.sample()!r}')
-                if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last:
-                    self.save()
-        return self.history
+# %% ../nbs/05c_training_at_scale.ipynb #c14d1602
+@patch
+def load(self: Trainer, path: str | Path, verify: bool = True) -> dict:
+    "Resume from a checkpoint: weights, optimizer, scheduler, step, data position, RNG states and history."
+    ckpt = find_checkpoint(path)
+    _verify_files(ckpt, verify)
+    info = load_checkpoint(ckpt, verify=False)
+    _check_model_config(info['config'].get('model'), self.raw, ckpt/'config.json')
+    weights = read_weights(ckpt/'model.safetensors', self.raw.state_dict())  # global shapes, even when sharded
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(self.raw, weights, options=full)
+    s = info['state']
+    set_optimizer_state_dict(self.raw, self.optimizer, s['optimizer'], options=full)
+    self.scheduler.load_state_dict(s['scheduler'])
+    self.step, self.epoch, self.position, self.tokens_seen = s['step'], s['epoch'], s['position'], s['tokens_seen']
+    self.history = s['history']
+    if len(s['rng']) == self.world_size:
+        _set_rng_state(s['rng'][self.rank])
+    else:
+        self.log(f'The checkpoint was written by {len(s["rng"])} processes, this run has {self.world_size}: '
+                 'dropout will not repeat the original run exactly.')
+        _set_rng_state(s['rng'][0])
+        torch.manual_seed(self.cfg.seed + 1000 * self.step + self.rank)
+    self.last_checkpoint, self._seeded = ckpt, True
+    if self.rank == 0 and self.run_dir is not None and (self.run_dir/'log.jsonl').is_file():
+        lines = (self.run_dir/'log.jsonl').read_text().splitlines(keepends=True)
+        with atomic_write(self.run_dir/'log.jsonl', 'w') as f:  # forget what the abandoned steps logged
+            f.writelines(line for line in lines if json.loads(line).get('step', 0) <= self.step)
+    return info
+
+# %% ../nbs/05c_training_at_scale.ipynb #58665bb4
+@patch
+def fit(
+    self: Trainer,
+    resume: str | Path | None = None,  # a checkpoint or run folder to continue from
+    steps: int | None = None,          # stop after this many more steps (the schedule still spans max_steps)
+) -> dict:                             # the history: step, loss, lr, tokens_seen, eval_step, val_loss
+    "Train until `max_steps` (or `steps` more), with evaluation, samples and checkpoints at their intervals."
+    cfg = self.cfg
+    if resume is not None:
+        self.load(resume)
+        self.log(f'resumed from {self.last_checkpoint} at step {self.step}')
+    if not self._seeded:  # dropout masks differ between processes but repeat between runs
+        torch.manual_seed(cfg.seed + self.rank)
+        self._seeded = True
+    stop = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
+    batches = self._micro_batches()
+    bar = tqdm(total=cfg.max_steps, initial=self.step, unit='step', desc='train',
+               disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
+    t0, tokens0 = time.perf_counter(), self.tokens_seen
+    with bar:
+        while self.step < stop:
+            lr = self.optimizer.param_groups[0]['lr']
+            loss = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
+            tok_s = (self.tokens_seen - tokens0) / (time.perf_counter() - t0)
+            for k, v in zip(('step', 'loss', 'lr', 'tokens_seen'), (self.step, loss, lr, self.tokens_seen)):
+                self.history[k].append(v)
+            self._log_json({'step': self.step, 'loss': loss, 'lr': lr, 'tokens_seen': self.tokens_seen, 'tok_per_s': tok_s})
+            bar.set_postfix_str(f'loss {loss:.3f} | {tok_s:,.0f} tok/s | lr {lr:.2e}', refresh=False)
+            bar.update(1)
+            last = self.step == stop
+            if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or (last and self.step == cfg.max_steps):
+                val = self.evaluate()
+                if val is not None:
+                    self.history['eval_step'].append(self.step)
+                    self.history['val_loss'].append(val)
+                    self._log_json({'step': self.step, 'val_loss': val})
+                    self.log(f'step {self.step}: train loss {loss:.3f}, val loss {val:.3f}')
+            if cfg.sample_interval and self.step % cfg.sample_interval == 0 and (self.rank == 0 or self.fsdp):
+                self.log(f'step {self.step}: {self.sample()!r}')
+            if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last:
+                self.save()
+    return self.history
