@@ -9,10 +9,73 @@ import inspect
 from collections.abc import Iterator
 
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 # %% auto #0
-__all__ = ['LayerCache', 'KVCache', 'generate', 'generate_stream', 'relayout_weights']
+__all__ = ['KVCache', 'LayerCache', 'generate', 'generate_stream', 'relayout_weights']
+
+# %% ../nbs/04b_kv_cache.ipynb #3e7c6954
+def _check_left_padding(
+    attention_mask: torch.Tensor,  # (b, T): 1 for real tokens, 0 for padding
+) -> torch.Tensor:                 # the same, as bool
+    "Raise a `ValueError` unless every row is left padding followed by at least one real token."
+    real = attention_mask.bool()
+    if not real[:, -1].all() or (real[:, 1:] < real[:, :-1]).any():
+        raise ValueError('attention_mask: each row must be left padding then real tokens (0..0 1..1), with at least one 1')
+    return real
+
+def _model_config(model: nn.Module) -> dict:
+    "The model's config dict (`model.cfg`), or an empty dict."
+    cfg = getattr(model, 'cfg', None)
+    return dict(cfg) if isinstance(cfg, dict) else {}
+
+# %% ../nbs/04b_kv_cache.ipynb #b17fcb1c
+class KVCache:
+    "Keys and values of every layer in pre-allocated tensors, with the positions and masks of causal, left-padded batches."
+    def __init__(
+        self,
+        n_layers: int,         # one LayerCache per transformer block
+        batch_size: int,       # rows of the batch
+        n_kv_heads: int,       # key-value heads per layer (n_heads, or fewer with grouped-query attention)
+        head_dim: int,         # size of each head's keys and values
+        max_len: int,          # the most tokens the cache holds
+        device=None,           # where the tensors live
+        dtype=None,            # their dtype (default: torch's default float dtype)
+    ):
+        for name, value in [('n_layers', n_layers), ('batch_size', batch_size), ('n_kv_heads', n_kv_heads),
+                            ('head_dim', head_dim), ('max_len', max_len)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f'KVCache: {name} must be a positive integer, not {value!r}')
+        self.batch_size, self.max_len = batch_size, max_len
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        # Never read before written: update() returns only the filled slots [:offset + T].
+        self.layers = [LayerCache(self, torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+                       for _ in range(n_layers)]
+        self._slots = torch.arange(max_len, device=self.layers[0].keys.device)  # (max_len,) slot indices
+        self.reset()
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,              # a model with a config model.cfg (n_layers, n_heads, emb_dim, context_length)
+        batch_size: int = 1,           # rows of the batch
+        max_len: int | None = None,    # the most tokens to hold; None: the model's context_length
+    ) -> KVCache:
+        "A cache sized for `model`: its layers, key-value heads and head size, on its device and in its dtype."
+        cfg = _model_config(model)
+        for key in ('n_layers', 'n_heads', 'context_length'):
+            if key not in cfg:
+                raise ValueError(f'KVCache.for_model: the model\'s config (model.cfg) has no {key!r} key')
+        n_heads = cfg['n_heads']
+        head_dim = cfg.get('head_dim') or cfg['emb_dim'] // n_heads  # GPT-2: emb_dim / n_heads; some models set it
+        n_kv_heads = cfg.get('n_kv_groups') or n_heads              # grouped-query attention stores fewer heads
+        max_len = cfg['context_length'] if max_len is None else max_len
+        if max_len > cfg['context_length']:
+            raise ValueError(f'KVCache.for_model: max_len={max_len} exceeds the model\'s context_length={cfg["context_length"]}')
+        p = next((p for p in model.parameters() if p.is_floating_point()), None)
+        return cls(cfg['n_layers'], batch_size, n_kv_heads, head_dim, max_len,
+                   device=None if p is None else p.device, dtype=None if p is None else p.dtype)
 
 # %% ../nbs/04b_kv_cache.ipynb #017fbcae
 class LayerCache:
@@ -42,143 +105,93 @@ class LayerCache:
     def mask(
         self,
         T: int,                    # number of new queries
-        window: int | None = None, # also block keys `window` or more positions back (sliding-window attention)
+        window: int | None = None, # also block keys window or more positions back (sliding-window attention)
     ) -> torch.Tensor:             # bool, (1 or b, 1, T, offset + T)
         "The cache's mask for `T` new queries (the same for every layer)."
         return self.cache.mask(T, window)
 
-# %% ../nbs/04b_kv_cache.ipynb #3e7c6954
-def _check_left_padding(
-    attention_mask: torch.Tensor,  # (b, T): 1 for real tokens, 0 for padding
-) -> torch.Tensor:                 # the same, as bool
-    "Raise a `ValueError` unless every row is left padding followed by at least one real token."
-    real = attention_mask.bool()
-    if not real[:, -1].all() or (real[:, 1:] < real[:, :-1]).any():
-        raise ValueError('attention_mask: each row must be left padding then real tokens (0..0 1..1), with at least one 1')
-    return real
+# %% ../nbs/04b_kv_cache.ipynb #3fe57883
+@patch
+def reset(
+    self: KVCache,
+    attention_mask: torch.Tensor | None = None,  # (b, T): 1 for real tokens, 0 for left padding of the next prompt
+) -> KVCache:
+    "Forget every stored token (the storage is kept); optionally declare the next prompt's left padding."
+    self.offset = 0
+    self._masks = {}             # (offset, T, window) -> mask, shared by the layers of one forward pass
+    self.pad = self._pos = None
+    if attention_mask is not None:
+        self._set_padding(attention_mask)
+    return self
 
-def _model_config(model: nn.Module) -> dict:
-    "The model's config dict (`model.cfg`), or an empty dict."
-    cfg = getattr(model, 'cfg', None)
-    return dict(cfg) if isinstance(cfg, dict) else {}
+@patch
+def _set_padding(self: KVCache, attention_mask: torch.Tensor) -> None:
+    "Record which slots are padding and each row's positions (0 at its first real token)."
+    if attention_mask.ndim != 2 or attention_mask.shape[0] != self.batch_size:
+        raise ValueError(f'attention_mask must have shape (batch_size={self.batch_size}, T), not {tuple(attention_mask.shape)}')
+    if attention_mask.shape[1] > self.max_len:
+        raise ValueError(f'attention_mask covers {attention_mask.shape[1]} tokens; the cache holds {self.max_len}')
+    real = _check_left_padding(attention_mask).to(self._slots.device)  # (b, T) bool
+    self.pad = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=real.device)
+    self.pad[:, :real.shape[1]] = ~real                           # (b, max_len): True at padded slots
+    n_pad = (~real).sum(dim=1, keepdim=True)                      # (b, 1)
+    self._pos = (self._slots - n_pad).clamp(min=0)                # (b, max_len): 0 at each row's first real token
 
-class KVCache:
-    "Keys and values of every layer in pre-allocated tensors, with the positions and masks of causal, left-padded batches."
-    def __init__(
-        self,
-        n_layers: int,         # one `LayerCache` per transformer block
-        batch_size: int,       # rows of the batch
-        n_kv_heads: int,       # key-value heads per layer (`n_heads`, or fewer with grouped-query attention)
-        head_dim: int,         # size of each head's keys and values
-        max_len: int,          # the most tokens the cache holds
-        device=None,           # where the tensors live
-        dtype=None,            # their dtype (default: torch's default float dtype)
-    ):
-        for name, value in [('n_layers', n_layers), ('batch_size', batch_size), ('n_kv_heads', n_kv_heads),
-                            ('head_dim', head_dim), ('max_len', max_len)]:
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f'KVCache: {name} must be a positive integer, not {value!r}')
-        self.batch_size, self.max_len = batch_size, max_len
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        # Never read before written: update() returns only the filled slots [:offset + T].
-        self.layers = [LayerCache(self, torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
-                       for _ in range(n_layers)]
-        self._slots = torch.arange(max_len, device=self.layers[0].keys.device)  # (max_len,) slot indices
-        self.reset()
+# %% ../nbs/04b_kv_cache.ipynb #de0e32dc
+@patch
+def _check_room(self: KVCache, T: int) -> None:
+    if self.offset + T > self.max_len:
+        raise ValueError(f'KV cache overflow: {self.offset} tokens stored + {T} new > max_len={self.max_len}; '
+                         f'reset the cache and feed the last {self.max_len} tokens again')
 
-    @classmethod
-    def for_model(
-        cls,
-        model: nn.Module,              # a model with a config `model.cfg` (n_layers, n_heads, emb_dim, context_length)
-        batch_size: int = 1,           # rows of the batch
-        max_len: int | None = None,    # the most tokens to hold; None: the model's context_length
-    ) -> KVCache:
-        "A cache sized for `model`: its layers, key-value heads and head size, on its device and in its dtype."
-        cfg = _model_config(model)
-        for key in ('n_layers', 'n_heads', 'context_length'):
-            if key not in cfg:
-                raise ValueError(f'KVCache.for_model: the model\'s config (model.cfg) has no {key!r} key')
-        n_heads = cfg['n_heads']
-        head_dim = cfg.get('head_dim') or cfg['emb_dim'] // n_heads  # GPT-2: emb_dim / n_heads; some models set it
-        n_kv_heads = cfg.get('n_kv_groups') or n_heads              # grouped-query attention stores fewer heads
-        max_len = cfg['context_length'] if max_len is None else max_len
-        if max_len > cfg['context_length']:
-            raise ValueError(f'KVCache.for_model: max_len={max_len} exceeds the model\'s context_length={cfg["context_length"]}')
-        p = next((p for p in model.parameters() if p.is_floating_point()), None)
-        return cls(cfg['n_layers'], batch_size, n_kv_heads, head_dim, max_len,
-                   device=None if p is None else p.device, dtype=None if p is None else p.dtype)
+@patch
+def positions(
+    self: KVCache,
+    T: int,  # number of new tokens
+) -> torch.Tensor:  # (T,), or (b, T) with left padding
+    "Positions of the next `T` tokens: `offset .. offset + T - 1`, counted from each row's first real token."
+    self._check_room(T)
+    if self._pos is None:
+        return self._slots[self.offset:self.offset + T]
+    return self._pos[:, self.offset:self.offset + T]
 
-    def reset(
-        self,
-        attention_mask: torch.Tensor | None = None,  # (b, T): 1 for real tokens, 0 for left padding of the next prompt
-    ) -> KVCache:
-        "Forget every stored token (the storage is kept); optionally declare the next prompt's left padding."
-        self.offset = 0
-        self._masks = {}             # (offset, T, window) -> mask, shared by the layers of one forward pass
-        self.pad = self._pos = None
-        if attention_mask is not None:
-            self._set_padding(attention_mask)
-        return self
+# %% ../nbs/04b_kv_cache.ipynb #3e310ea7
+@patch
+def mask(
+    self: KVCache,
+    T: int,                    # number of new queries
+    window: int | None = None, # also block keys window or more slots back (sliding-window attention)
+) -> torch.Tensor:             # bool, (1 or b, 1, T, offset + T)
+    "`True` where a new query may not attend a stored key: a later token, or padding (other than itself)."
+    key = (self.offset, T, window)
+    if key not in self._masks:   # computed once per forward pass, then shared by every layer
+        S = self.offset + T
+        q = self._slots[self.offset:S, None]      # (T, 1): each query's slot
+        k = self._slots[None, :S]                 # (1, S): each key's slot
+        blocked = k > q                           # (T, S): the future
+        if window is not None:
+            blocked = blocked | (q - k >= window)
+        if self.pad is not None:                  # (b, T, S): padded keys; a pad sees itself, so no row is all blocked
+            blocked = blocked | (self.pad[:, None, :S] & (k != q))
+        self._masks[key] = blocked.view(-1, 1, T, S)
+    return self._masks[key]
 
-    def _set_padding(self, attention_mask: torch.Tensor) -> None:
-        "Record which slots are padding and each row's positions (0 at its first real token)."
-        if attention_mask.ndim != 2 or attention_mask.shape[0] != self.batch_size:
-            raise ValueError(f'attention_mask must have shape (batch_size={self.batch_size}, T), not {tuple(attention_mask.shape)}')
-        if attention_mask.shape[1] > self.max_len:
-            raise ValueError(f'attention_mask covers {attention_mask.shape[1]} tokens; the cache holds {self.max_len}')
-        real = _check_left_padding(attention_mask).to(self._slots.device)  # (b, T) bool
-        self.pad = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=real.device)
-        self.pad[:, :real.shape[1]] = ~real                           # (b, max_len): True at padded slots
-        n_pad = (~real).sum(dim=1, keepdim=True)                      # (b, 1)
-        self._pos = (self._slots - n_pad).clamp(min=0)                # (b, max_len): 0 at each row's first real token
+# %% ../nbs/04b_kv_cache.ipynb #524e8387
+@patch
+def advance(
+    self: KVCache,
+    T: int,  # number of tokens just stored by every layer
+) -> None:
+    "Count `T` more tokens as stored (the model calls this after its last layer)."
+    self._check_room(T)
+    self.offset += T
+    self._masks = {}
 
-    def _check_room(self, T: int) -> None:
-        if self.offset + T > self.max_len:
-            raise ValueError(f'KV cache overflow: {self.offset} tokens stored + {T} new > max_len={self.max_len}; '
-                             f'reset the cache and feed the last {self.max_len} tokens again')
-
-    def positions(
-        self,
-        T: int,  # number of new tokens
-    ) -> torch.Tensor:  # (T,), or (b, T) with left padding
-        "Positions of the next `T` tokens: `offset .. offset + T - 1`, counted from each row's first real token."
-        self._check_room(T)
-        if self._pos is None:
-            return self._slots[self.offset:self.offset + T]
-        return self._pos[:, self.offset:self.offset + T]
-
-    def mask(
-        self,
-        T: int,                    # number of new queries
-        window: int | None = None, # also block keys `window` or more slots back (sliding-window attention)
-    ) -> torch.Tensor:             # bool, (1 or b, 1, T, offset + T)
-        "`True` where a new query may not attend a stored key: a later token, or padding (other than itself)."
-        key = (self.offset, T, window)
-        if key not in self._masks:   # computed once per forward pass, then shared by every layer
-            S = self.offset + T
-            q = self._slots[self.offset:S, None]      # (T, 1): each query's slot
-            k = self._slots[None, :S]                 # (1, S): each key's slot
-            blocked = k > q                           # (T, S): the future
-            if window is not None:
-                blocked = blocked | (q - k >= window)
-            if self.pad is not None:                  # (b, T, S): padded keys; a pad sees itself, so no row is all blocked
-                blocked = blocked | (self.pad[:, None, :S] & (k != q))
-            self._masks[key] = blocked.view(-1, 1, T, S)
-        return self._masks[key]
-
-    def advance(
-        self,
-        T: int,  # number of tokens just stored by every layer
-    ) -> None:
-        "Count `T` more tokens as stored (the model calls this after its last layer)."
-        self._check_room(T)
-        self.offset += T
-        self._masks = {}
-
-    def __repr__(self):
-        k = self.layers[0].keys
-        return (f'KVCache(n_layers={len(self.layers)}, batch_size={self.batch_size}, n_kv_heads={k.shape[1]}, '
-                f'head_dim={k.shape[3]}, max_len={self.max_len}, offset={self.offset}, dtype={k.dtype})')
+@patch
+def __repr__(self: KVCache):
+    k = self.layers[0].keys
+    return (f'KVCache(n_layers={len(self.layers)}, batch_size={self.batch_size}, n_kv_heads={k.shape[1]}, '
+            f'head_dim={k.shape[3]}, max_len={self.max_len}, offset={self.offset}, dtype={k.dtype})')
 
 # %% ../nbs/04b_kv_cache.ipynb #663744fd
 def _takes_cache(model: nn.Module) -> bool:
@@ -214,6 +227,7 @@ def _check_generation(model, idx, max_new_tokens, context_size, temperature, top
         _check_left_padding(attention_mask)
     return window, cached
 
+# %% ../nbs/04b_kv_cache.ipynb #8d1658c3
 def _next_token(
     logits: torch.Tensor,       # the last position's logits, (b, vocab_size)
     temperature: float,
@@ -231,6 +245,7 @@ def _next_token(
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
     return logits.argmax(dim=-1)
 
+# %% ../nbs/04b_kv_cache.ipynb #3bf6a487
 def _decode(model, out, T0, max_new_tokens, window, cached, temperature, top_k, eos_id, attention_mask, generator):
     "Write new tokens into `out` (b, T0 + max_new_tokens) after the prompt, yielding each step's tokens (b,)."
     b = out.shape[0]
@@ -242,7 +257,7 @@ def _decode(model, out, T0, max_new_tokens, window, cached, temperature, top_k, 
     if cached or mask is not None:
         cache = KVCache.for_model(model, b, max_len=min(window, T0 + max_new_tokens))
 
-    def feed_window(n):                                           # the book's step: the last `window` tokens
+    def feed_window(n):                                           # the book's step: the last window tokens
         start = max(0, n - window)
         if cache is None:
             return model(out[:, start:n])[:, -1]
@@ -270,13 +285,13 @@ def _decode(model, out, T0, max_new_tokens, window, cached, temperature, top_k, 
 def generate(
     model: nn.Module,                  # called as model(idx) -> logits (b, T, vocab_size), and model(idx, cache=...) if it can
     idx: torch.Tensor,                 # prompt token ids, (b, T)
-    max_new_tokens: int,               # how many tokens to add (fewer if generation stops at `eos_id`)
+    max_new_tokens: int,               # how many tokens to add (fewer if generation stops at eos_id)
     context_size: int | None = None,   # the most tokens the model sees; None: the model's cfg["context_length"]
     temperature: float = 0.0,          # 0: greedy; above 0: sample from softmax(logits / temperature)
-    top_k: int | None = None,          # sample only among the `top_k` most likely tokens
+    top_k: int | None = None,          # sample only among the top_k most likely tokens
     eos_id: int | None = None,         # stop at this token (not appended); in a batch, finished rows repeat it
     *,
-    use_cache: bool = True,            # use a `KVCache` when the model takes one
+    use_cache: bool = True,            # use a KVCache when the model takes one
     attention_mask: torch.Tensor | None = None,  # (b, T): 1 for real tokens, 0 for left padding
     generator: torch.Generator | None = None,    # random numbers for sampling; None: torch's global generator
 ) -> torch.Tensor:                     # prompt plus new tokens, (b, T + number of new tokens)
@@ -293,15 +308,15 @@ def generate(
 
 # %% ../nbs/04b_kv_cache.ipynb #a595a630
 def generate_stream(
-    model: nn.Module,                  # as for `generate`
+    model: nn.Module,                  # as for generate
     idx: torch.Tensor,                 # prompt token ids, (b, T)
     max_new_tokens: int,               # the most tokens to yield
     context_size: int | None = None,   # the most tokens the model sees; None: the model's cfg["context_length"]
     temperature: float = 0.0,          # 0: greedy
-    top_k: int | None = None,          # sample only among the `top_k` most likely tokens
+    top_k: int | None = None,          # sample only among the top_k most likely tokens
     eos_id: int | None = None,         # stop at this token (not yielded)
     *,
-    use_cache: bool = True,            # use a `KVCache` when the model takes one
+    use_cache: bool = True,            # use a KVCache when the model takes one
     attention_mask: torch.Tensor | None = None,  # (b, T): 1 for real tokens, 0 for left padding
     generator: torch.Generator | None = None,    # random numbers for sampling
 ) -> Iterator[int | torch.Tensor]:     # each step's new token: an int for one prompt, a (b,) tensor for a batch

@@ -22,7 +22,7 @@ __all__ = ['text_to_token_ids', 'token_ids_to_text', 'calc_loss_batch', 'calc_lo
 # %% ../nbs/05_pretrain.ipynb #b2e5446b
 def text_to_token_ids(
     text: str,
-    tokenizer,              # tiktoken-like: `encode(text, allowed_special=...)`
+    tokenizer,              # tiktoken-like: encode(text, allowed_special=...)
 ) -> torch.Tensor:          # token ids with a batch dimension, (1, T)
     "Encode `text` into a batch of one sequence; `<|endoftext|>` is allowed in the text."
     encoded = tokenizer.encode(text, allowed_special={'<|endoftext|>'})
@@ -31,7 +31,7 @@ def text_to_token_ids(
 
 def token_ids_to_text(
     token_ids: torch.Tensor,  # one sequence of token ids, (T,) or (1, T)
-    tokenizer,                # has `decode(list_of_ids)`
+    tokenizer,                # has decode(list_of_ids)
 ) -> str:
     "Decode one sequence of token ids back into text."
     flat = token_ids.squeeze(0) if token_ids.dim() == 2 else token_ids  # (1, T) -> (T,)
@@ -122,9 +122,9 @@ def generate_and_print_sample(
 # %% ../nbs/05_pretrain.ipynb #d196a79c
 def check_loop_settings(
     num_epochs: int,        # passes over the training data
-    eval_freq: int,         # evaluate every `eval_freq` steps
+    eval_freq: int,         # evaluate every eval_freq steps
     train_loader,           # the training batches
-    epochs_name: str = 'num_epochs',  # the loop's name for `num_epochs`, for the message
+    epochs_name: str = 'num_epochs',  # the loop's name for num_epochs, for the message
 ) -> None:
     "Refuse a training loop's settings that would fail later or silently train nothing."
     if not isinstance(num_epochs, int) or num_epochs < 0:
@@ -141,8 +141,8 @@ def train_model_simple(
     optimizer: torch.optim.Optimizer,
     device,
     num_epochs: int,
-    eval_freq: int,      # evaluate every `eval_freq` optimizer steps (and at step 0)
-    eval_iter: int,      # batches per evaluation, see `evaluate_model`
+    eval_freq: int,      # evaluate every eval_freq optimizer steps (and at step 0)
+    eval_iter: int,      # batches per evaluation, see evaluate_model
     start_context: str,  # prompt of the sample printed after each epoch
     tokenizer,
 ) -> tuple[list[float], list[float], list[int]]:  # train losses, val losses, tokens seen at each evaluation
@@ -206,7 +206,7 @@ def calc_lr(
     warmup_steps: int,        # steps of linear warmup, 0 <= warmup_steps < total_steps
     peak_lr: float,           # the rate at the end of warmup
     initial_lr: float = 3e-05,  # the rate at step 0
-    min_lr: float = 1e-6,     # the rate the cosine decays to, reached at step `total_steps`
+    min_lr: float = 1e-6,     # the rate the cosine decays to, reached at step total_steps
 ) -> float:
     "Learning rate at `step`: linear warmup from `initial_lr` to `peak_lr`, then cosine decay to `min_lr`."
     if not 0 <= warmup_steps < total_steps:

@@ -98,7 +98,7 @@ def load_gpt2_params_from_tf_ckpt(
 def download_and_load_gpt2(
     model_size: str,                        # '124M', '355M', '774M' or '1558M'
     models_dir: str | Path | None = None,   # files go to models_dir/model_size/ (None: the package's cache)
-) -> tuple[dict, dict]:                     # `settings` (hparams.json) and the book's `params`
+) -> tuple[dict, dict]:                     # settings (hparams.json) and the book's params
     "Download OpenAI's GPT-2 checkpoint of one size (once) and read it: the book's function."
     if model_size not in GPT2_SIZES:
         raise ValueError(f"Model size {model_size!r} not in {GPT2_SIZES}")
@@ -192,7 +192,7 @@ def assign(
     left: torch.Tensor,             # the parameter being replaced (only its shape, dtype, device are used)
     right: np.ndarray | torch.Tensor,  # the new values
     name: str = "tensor",           # what to call it in an error
-) -> nn.Parameter:                  # a new parameter holding a copy of `right`
+) -> nn.Parameter:                  # a new parameter holding a copy of right
     "The book's `assign`: `right` as a new parameter shaped, typed and placed like `left`, or a `ValueError`."
     right = torch.as_tensor(right)
     if tuple(left.shape) != tuple(right.shape):
@@ -214,6 +214,7 @@ def _source_shape(param_shape: tuple[int, ...], s: Source) -> tuple[int, ...]:
     shape = tuple(reversed(param_shape)) if s.transpose else tuple(param_shape)
     return shape[:-1] + (3 * shape[-1],) if s.part is not None else shape
 
+# %% ../nbs/05b_gpt2_weights.ipynb #d99581cb
 def _plan(model: nn.Module, tensors: dict[str, LazyTensor], name_map: dict[str, Source], where: str, tie: bool) -> dict[str, Source]:
     "Check that `tensors` provide every parameter of `model` with the right shape; raise one `ValueError` listing every problem."
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -240,6 +241,7 @@ def _plan(model: nn.Module, tensors: dict[str, LazyTensor], name_map: dict[str, 
         raise ValueError(f"Cannot load {where} into this {type(model).__name__}; nothing was changed:\n  " + "\n  ".join(shown))
     return plan
 
+# %% ../nbs/05b_gpt2_weights.ipynb #71f7a65e
 def _read_all(model: nn.Module, tensors: dict[str, LazyTensor], plan: dict[str, Source], device) -> dict[str, torch.Tensor]:
     "Read and convert every planned tensor, one at a time, onto its target device."
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -265,6 +267,7 @@ def _read_all(model: nn.Module, tensors: dict[str, LazyTensor], plan: dict[str, 
             out[name].copy_(t)              # contiguous, in the parameter's dtype, on its device
     return out
 
+# %% ../nbs/05b_gpt2_weights.ipynb #7910442a
 def _commit(model: nn.Module, new: dict[str, torch.Tensor], tie: bool) -> None:
     "Replace every parameter of `model` by its new value, each exactly once; tie the output head when asked."
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -280,14 +283,15 @@ def _commit(model: nn.Module, new: dict[str, torch.Tensor], tie: bool) -> None:
     if wrong:
         raise RuntimeError(f"Internal error: parameters not assigned exactly once: {wrong}")
 
+# %% ../nbs/05b_gpt2_weights.ipynb #75df86a7
 def load_tensors_into_gpt(
     gpt: nn.Module,                # a GPTModel (its parameters may be on the meta device)
-    tensors: dict[str, LazyTensor],    # the checkpoint's tensors, by the names `name_map` uses
-    name_map: dict[str, Source],   # our parameter name -> source (`gpt2_name_map` or the identity)
+    tensors: dict[str, LazyTensor],    # the checkpoint's tensors, by the names name_map uses
+    name_map: dict[str, Source],   # our parameter name -> source (gpt2_name_map or the identity)
     where: str = "the checkpoint", # what to call the source in errors
     tie: bool = True,              # make out_head.weight the token embedding itself
     device=None,                   # where the parameters go (None: where the model's are; cpu for meta)
-) -> nn.Module:                    # `gpt`, loaded
+) -> nn.Module:                    # gpt, loaded
     "Plan, read, commit: load `tensors` into `gpt` completely, or raise a `ValueError` and leave it untouched."
     plan = _plan(gpt, tensors, name_map, where, tie)
     new = _read_all(gpt, tensors, plan, device)
@@ -315,10 +319,10 @@ def _array_tensors(flat: dict) -> dict[str, LazyTensor]:
     return {k: LazyTensor(tuple(np.shape(v)), lambda scratch=False, v=v: torch.as_tensor(v), k, shared=True) for k, v in flat.items()}
 
 def load_weights_into_gpt(
-    gpt: nn.Module,    # a GPTModel built with the matching `gpt2_config` (qkv_bias=True)
-    params: dict,      # the book's nested dict from `download_and_load_gpt2` (NumPy arrays or tensors)
+    gpt: nn.Module,    # a GPTModel built with the matching gpt2_config (qkv_bias=True)
+    params: dict,      # the book's nested dict from download_and_load_gpt2 (NumPy arrays or tensors)
     tie: bool = True,  # share one tensor between tok_emb and out_head (False: a copy, as the book)
-) -> nn.Module:        # `gpt`, loaded
+) -> nn.Module:        # gpt, loaded
     "The book's `load_weights_into_gpt`: OpenAI's GPT-2 weights into our `GPTModel`, all of them or none."
     return load_tensors_into_gpt(gpt, _array_tensors(_flatten_params(params)), gpt2_name_map(len(gpt.trf_blocks)),
                                  "the GPT-2 parameters", tie)
@@ -341,7 +345,7 @@ def _read_into(f, offset: int, buf: torch.Tensor, path: Path, name: str) -> torc
 @contextlib.contextmanager
 def open_safetensors(
     path: str | Path,  # a .safetensors file
-):                     # yields {name: `LazyTensor`}, each read from disk when asked
+):                     # yields {name: LazyTensor}, each read from disk when asked
     "The tensors of a safetensors file, checked against its size; each is read into its own buffer on demand."
     path = Path(path)
     size = path.stat().st_size
@@ -436,7 +440,7 @@ def load_gpt2_safetensors(
     gpt: nn.Module,      # a GPTModel of the file's size (its parameters may be on the meta device)
     path: str | Path,    # model.safetensors in Hugging Face's layout, or a GPTModel state dict
     device=None,         # where the parameters go (None: where the model's are; cpu for meta)
-) -> nn.Module:          # `gpt`, loaded
+) -> nn.Module:          # gpt, loaded
     "Load GPT-2 weights from a safetensors file into `gpt`, all of them or none."
     with open_safetensors(path) as tensors:
         tensors, name_map, tie = _canonical(tensors, gpt)
@@ -472,6 +476,7 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], where: str) -> dict:
     return {**gpt2_config("124M"), "vocab_size": wte[0], "context_length": wpe[0], "emb_dim": wte[1],
             "n_heads": heads[wte[1]], "n_layers": len(blocks)}
 
+# %% ../nbs/05b_gpt2_weights.ipynb #a5ada6e0
 def _load_file(path: Path, device, dtype) -> tuple[nn.Module, dict]:
     "A GPTModel built on the meta device and loaded from one weights file or folder."
     if path.is_dir():
@@ -515,6 +520,7 @@ def _load_file(path: Path, device, dtype) -> tuple[nn.Module, dict]:
         return model.to(device), cfg
     raise ValueError(f"{path}: expected a folder, a .safetensors file, a .pth state dict or OpenAI's model.ckpt.index")
 
+# %% ../nbs/05b_gpt2_weights.ipynb #f6e0f8f6
 def _empty_gpt(cfg: dict, dtype) -> GPTModel:
     "A GPTModel whose parameters are on the meta device, in `dtype` if given."
     with init_empty_weights():
@@ -522,8 +528,8 @@ def _empty_gpt(cfg: dict, dtype) -> GPTModel:
     return model.to(dtype) if dtype is not None else model
 
 def load_pretrained_gpt2(
-    name_or_path: str | Path,  # 'gpt2-124m', 'gpt2-355m', 'gpt2-774m', 'gpt2-1558m' (or any name `gpt2_config` takes), or a path
-    device=None,               # where the model goes (None: `get_device()`)
+    name_or_path: str | Path,  # 'gpt2-124m', 'gpt2-355m', 'gpt2-774m', 'gpt2-1558m' (or any name gpt2_config takes), or a path
+    device=None,               # where the model goes (None: get_device())
     dtype: torch.dtype | None = None,  # e.g. torch.bfloat16 (None: float32)
 ) -> tuple[GPTModel, dict]:    # the model in eval mode, and its config
     "A `GPTModel` with OpenAI's GPT-2 weights, downloaded on first use, or loaded from local files."
