@@ -25,9 +25,10 @@ def count_gpt_parameters(
 ) -> int:       # the number of trainable parameters GPTModel(cfg) has
     "Parameters of `GPTModel(cfg)`, counted from the config alone."
     d, L, V = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"]
-    attention = 4 * d * d + d + (3 * d if cfg["qkv_bias"] else 0)  # W_query, W_key, W_value, out_proj
-    feed_forward = 8 * d * d + 5 * d                                # two linear layers and their biases
-    block = attention + feed_forward + 4 * d                        # plus two LayerNorms
+    # W_query, W_key, W_value and out_proj, out_proj's bias, the other biases if any
+    attention = 4 * d * d + d + (3 * d if cfg["qkv_bias"] else 0)
+    feed_forward = 8 * d * d + 5 * d          # two linear layers and their biases
+    block = attention + feed_forward + 4 * d  # plus two LayerNorms
     return V * d + cfg["context_length"] * d + L * block + 2 * d + V * d
 
 # %% ../nbs/92_hardware.ipynb #3a2dd717
@@ -78,7 +79,8 @@ def _check_sizes(cfg: dict, batch_size, context_length, optimizer: str, device: 
         raise ValueError(f"'context_length' must be an integer from 1 to the config's "
                          f"context_length ({cfg['context_length']}), not {T!r}")
     if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"'optimizer' must be one of {', '.join(OPTIMIZER_STATES)}, not {optimizer!r}")
+        known = ", ".join(OPTIMIZER_STATES)
+        raise ValueError(f"'optimizer' must be one of {known}, not {optimizer!r}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"'device' must be 'cuda' or 'cpu', not {device!r}")
     return T
@@ -91,8 +93,8 @@ def estimate_training_memory(
     dtype: torch.dtype = torch.float32, # the model's dtype (weights, gradients, optimizer state)
     mixed_precision: bool = False,      # float32 model trained under bfloat16 autocast
     optimizer: str = "adamw",           # a key of OPTIMIZER_STATES
-    device: str = "cuda",               # 'cuda' or 'cpu': dropout masks and attention kernels differ
-) -> dict:                              # bytes per part at the peak, the total, and where the peak is
+    device: str = "cuda",               # 'cuda' or 'cpu' (dropout masks, attention kernels)
+) -> dict:                              # bytes per part at the peak, total, peak_at
     "Peak memory of one training step of `GPTModel(cfg)`, from what autograd keeps alive."
     T = _check_sizes(cfg, batch_size, context_length, optimizer, device)
     d, L, V, C = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"], cfg["context_length"]
@@ -116,7 +118,8 @@ def estimate_training_memory(
         "forward, last attention": {"weight_copies": copies, "gradients": 0, "logits": 0,
                                     "activations": embed + (L - 1) * layer + N * d * (s32 + 6 * s)
                                     + 3 * scores + C * C},
-        "optimizer step": {"weight_copies": 0, "gradients": weights, "activations": 16 * N, "logits": 0},
+        "optimizer step": {"weight_copies": 0, "gradients": weights, "logits": 0,
+                           "activations": 16 * N},
     }
     if flash:
         del moments["forward, last attention"]
@@ -185,11 +188,12 @@ def _release(self: LiveTensorBytes, key, tensor_id: int) -> None:
 
 # %% ../nbs/92_hardware.ipynb #643a8c8b
 def _optimizer(model, name: str):
-    "The optimizer OPTIMIZER_STATES[name] describes; AdamW fused (no temporaries of the parameters' size)."
+    "The optimizer OPTIMIZER_STATES[name] describes; AdamW fused (no large temporaries)."
     if name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         return cls(model.parameters(), lr=1e-4, fused=True)
-    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9 if name == "sgd_momentum" else 0.0)
+    momentum = 0.9 if name == "sgd_momentum" else 0.0
+    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=momentum)
 
 # %% ../nbs/92_hardware.ipynb #d83b052c
 def measure_training_memory(
@@ -199,9 +203,9 @@ def measure_training_memory(
     dtype: torch.dtype = torch.float32, # the model's dtype
     mixed_precision: bool = False,      # bfloat16 autocast over a float32 model
     optimizer: str = "adamw",           # a key of OPTIMIZER_STATES
-    device: str = "cpu",                # 'cpu' (live tensors counted) or 'cuda' (the allocator's peak)
+    device: str = "cpu",                # 'cpu': live tensors counted; 'cuda': the allocator's
 ) -> int:                               # peak bytes of one training step, parameters included
-    "Run two training steps of `GPTModel(cfg)` on random tokens; return the second one's peak memory."
+    "Peak memory of the second of two training steps of `GPTModel(cfg)` on random tokens."
     T = _check_sizes(cfg, batch_size, context_length, optimizer, device)
     torch.manual_seed(0)
     model = GPTModel(cfg).to(device, dtype).train()
