@@ -30,7 +30,7 @@ from llm_from_scratch.attention_variants import (
     MultiHeadAttentionStacked,
     flex_attention,
 )
-from common import describe, sync
+from common import describe, sync, write_json
 
 from llm_from_scratch.core import get_device
 
@@ -94,6 +94,7 @@ def main(argv=None) -> None:
     ap.add_argument('--repeats', type=int, default=5, help='timed calls per variant, in turn; the best is reported')
     ap.add_argument('--only', nargs='*', default=None, help='run only variants whose label contains one of these words')
     ap.add_argument('--no-backward', action='store_true', help='time the forward pass only')
+    ap.add_argument('--json', default=None, metavar='PATH', help='also write the table and the machine to PATH')
     args = ap.parse_args(argv)
 
     device = get_device(args.device)
@@ -178,6 +179,7 @@ def main(argv=None) -> None:
     print()
     print('| variant | forward ms | speed-up | forward+backward ms | speed-up | max abs diff |' + (' peak MiB (fwd+bwd) |' if cuda else ''))
     print('|---|---:|---:|---:|---:|---:|' + ('---:|' if cuda else ''))
+    rows = []
     for label, (_, diff) in built.items():
         fb = 'n/a | n/a'
         if label in t_bwd and REFERENCE in t_bwd:
@@ -185,9 +187,18 @@ def main(argv=None) -> None:
         mem = (f' {peak[label]:,.0f} |' if label in peak else ' n/a |') if cuda else ''
         shown = label + (' (fell back: PyTorch picked the kernel)' if label in fell_back else '')
         print(f'| {shown} | {ms(t_fwd[label])} | {t_fwd[REFERENCE] / t_fwd[label]:.2f}x | {fb} | {diff:.1e} |{mem}')
+        rows.append({'variant': shown, 'forward_ms': t_fwd[label] * 1e3,
+                     'forward_speedup': t_fwd[REFERENCE] / t_fwd[label],
+                     'forward_backward_ms': t_bwd[label] * 1e3 if label in t_bwd else None,
+                     'forward_backward_speedup': t_bwd[REFERENCE] / t_bwd[label]
+                     if label in t_bwd and REFERENCE in t_bwd else None,
+                     'max_abs_diff': diff, 'peak_mib': peak.get(label)})
     for n in notes:
         print(f'\n- {n}', end='')
     print()
+    if args.json:
+        write_json(args.json, {'attention': rows}, device, batch=args.batch, seq=args.seq, emb=args.emb,
+                   heads=args.heads, dtype=args.dtype, repeats=args.repeats, reference=REFERENCE, notes=notes)
 
 
 if __name__ == '__main__':

@@ -163,6 +163,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--recount-budget', type=float, default=60.0, help='seconds of re-count training per vocabulary')
+    ap.add_argument('--json', default=None, metavar='PATH', help='also write the tables and the machine to PATH')
     args = ap.parse_args(argv)
 
     text = download('tinyshakespeare').read_text(encoding='utf-8')
@@ -192,12 +193,15 @@ def main(argv=None):
     warm_orig.encode(text)
     t_orig_warm, _ = best_of(args.repeats, lambda: warm_orig, lambda enc: enc.encode(text))
 
+    encoding = []
     print('| encoding (GPT-2 merges) | MB/s | vs tiktoken | vs original encoder |')
     print('|---|---:|---:|---:|')
     for name, t in [('tiktoken (Rust, `encode`)', t_tik), ('OpenAI original encoder, cold cache', t_orig),
                     ('OpenAI original encoder, warm cache', t_orig_warm),
                     ('**ours**, cold cache', t_cold), ('ours, warm cache', t_warm)]:
         print(f'| {name} | {mb / t:.2f} | {t_tik / t:.2f}x | {t_orig / t:.2f}x |')
+        encoding.append({'encoder': name.replace('**', ''), 'mb_per_s': mb / t, 'vs_tiktoken': t_tik / t,
+                         'vs_original': t_orig / t})
     print(f'\ntargets: ours cold >= 0.25x tiktoken: {t_tik / t_cold:.2f}x -> {"met" if t_tik / t_cold >= 0.25 else "NOT met"}; '
           f'ours cold >= 1.3x original (cold): {t_orig / t_cold:.2f}x -> {"met" if t_orig / t_cold >= 1.3 else "NOT met"}\n')
 
@@ -216,10 +220,18 @@ def main(argv=None):
     print('| training on Tiny Shakespeare | ours (s) | Hugging Face tokenizers (s) | re-count every merge (s) '
           '| our speed vs tokenizers | our speed vs re-count |')
     print('|---|---:|---:|---:|---:|---:|')
+    training = []
     for vocab_size, t_ours, t_hf, t_re, left, n in rows:
         re_s = f'≥ {t_re:.0f} ({n - left} of {n} merges run)' if left else f'{t_re:.1f}'
         speed = f'≥ {t_re / t_ours:.0f}x' if left else f'{t_re / t_ours:.0f}x'
         print(f'| vocabulary {vocab_size:,} | {t_ours:.2f} | {t_hf:.2f} | {re_s} | {t_hf / t_ours:.2f}x | {speed} |')
+        training.append({'vocab_size': vocab_size, 'ours_s': t_ours, 'tokenizers_s': t_hf, 'recount_s': t_re,
+                         'recount_is_lower_bound': bool(left), 'recount_merges_run': n - left, 'merges': n,
+                         'speed_vs_tokenizers': t_hf / t_ours, 'speed_vs_recount': t_re / t_ours})
+    if args.json:
+        from common import write_json
+        write_json(args.json, {'encoding': encoding, 'training': training}, corpus_mb=mb, repeats=args.repeats,
+                   recount_budget_s=args.recount_budget, tiktoken=tiktoken.__version__, threads=1)
     worst_hf = max(t_ours / t_hf for _, t_ours, t_hf, *_ in rows)
     worst_re = min(t_re / t_ours for _, t_ours, _, t_re, *_ in rows)
     print(f'\ntargets: >= 20x faster than re-count: {worst_re:.0f}x -> {"met" if worst_re >= 20 else "NOT met"}; '

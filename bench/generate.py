@@ -27,7 +27,8 @@ from llm_from_scratch.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
 from llm_from_scratch.kv_cache import generate, relayout_weights
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-from tiny_models import unit_scale  # noqa: E402  the tests' builder: weights of unit-scale activations, no near-ties
+from tiny_models import unit_scale  # noqa: E402
+from common import write_json  # noqa: E402  the tests' builder: weights of unit-scale activations, no near-ties
 
 
 def to_transformers(model):
@@ -71,6 +72,7 @@ def cpu_name():
 def layout_table(repeats=15):
     "Milliseconds for one token's products through GPT-2 124M's linear layers, in (out, in) and (in, out) storage."
     evict = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB, more than the CPU's caches
+    rows = []
     print('| layer (in → out) | `(out, in)` storage | `(in, out)` storage |')
     print('|---|---:|---:|')
     for count, d_in, d_out, what in [(48, 768, 768, 'queries, keys, values, output projection'),
@@ -90,6 +92,8 @@ def layout_table(repeats=15):
             row.append(best * 1e3)
         prefix = f'{count} × ' if count > 1 else ''
         print(f'| {prefix}{d_in} → {d_out} ({what}) | {row[0]:.1f} ms | {row[1]:.1f} ms |')
+        rows.append({'layer': f'{prefix}{d_in} → {d_out} ({what})', 'out_in_ms': row[0], 'in_out_ms': row[1]})
+    return rows
 
 
 # Modern architectures ------------------------------------------------------------------------------------------
@@ -198,6 +202,9 @@ def architecture_table(args):
     print('|---|---:|---:|---:|---:|')
     for label, params, ours_rate, hf_rate in rows:
         print(f'| {label} | {params / 1e6:.1f}M | {ours_rate:.1f} | {hf_rate:.1f} | {ours_rate / hf_rate:.2f}x |')
+    return [{'model': label, 'parameters': params, 'ours_tokens_per_s': ours_rate,
+             'transformers_tokens_per_s': hf_rate, 'ratio': ours_rate / hf_rate}
+            for label, params, ours_rate, hf_rate in rows]
 
 
 def main():
@@ -210,11 +217,16 @@ def main():
     parser.add_argument('--no-architectures', dest='architectures', action='store_false',
                         help='skip the Llama/Qwen3/Gemma 3 table (ours against transformers)')
     parser.add_argument('--architectures-only', action='store_true', help='only the Llama/Qwen3/Gemma 3 table')
+    parser.add_argument('--json', default=None, metavar='PATH', help='also write the tables and the machine to PATH')
     args = parser.parse_args()
+    tables = {}
     torch.set_num_threads(args.threads)
     if args.architectures_only:
         print(f'{torch.get_num_threads()} threads, {os.cpu_count()} cores ({cpu_name()}); torch {torch.__version__}')
-        architecture_table(args)
+        tables['architectures'] = architecture_table(args)
+        if args.json:
+            write_json(args.json, tables, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                       repeats=args.repeats)
         return
     import transformers
 
@@ -264,6 +276,8 @@ def main():
     print('|---|---:|---:|---:|')
     for name, rate in rates.items():
         print(f'| {name} | {rate:.1f} | {rate / rates[simple_name]:.2f}x | {rate / rates[hf_name]:.2f}x |')
+    tables['gpt2'] = [{'method': name, 'tokens_per_s': rate, 'vs_simple': rate / rates[simple_name],
+                       'vs_transformers': rate / rates[hf_name]} for name, rate in rates.items()]
     ours = {k: v for k, v in rates.items() if k.startswith('`generate`')}
     plain = max(v for k, v in ours.items() if 'relayout' not in k)
     best = max(ours.values())
@@ -273,9 +287,12 @@ def main():
           f'({"met" if best / rates[hf_name] >= 1.1 else "NOT met"}).')
     if args.layouts:
         print(f'\nOne token through each group of layers (best of 15, weights read from memory; {torch.get_num_threads()} threads):\n')
-        layout_table()
+        tables['layouts'] = layout_table()
     if args.architectures:
-        architecture_table(args)
+        tables['architectures'] = architecture_table(args)
+    if args.json:
+        write_json(args.json, tables, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                   repeats=args.repeats, transformers=transformers.__version__)
 
 
 if __name__ == '__main__':

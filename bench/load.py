@@ -109,6 +109,7 @@ def main():
     ap.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--write", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the table and the machine to PATH")
     a = ap.parse_args()
     if a.write:  # in a process of its own: a child inherits its parent's peak RSS, so the parent must stay small
         print(write_random_safetensors(Path(a.file), hf_shapes(gpt2_config(a.size))))
@@ -143,6 +144,14 @@ def main():
     for method, r in rows.items():
         print(f"| {method} | {METHODS[method]} | {r['peak_rss'] / 1e9:.2f} GB | {r['peak_rss'] / weights:.2f} | "
               f"{(r['peak_rss'] - bare) / weights:.2f} | {r['seconds']:.1f} s |")
+    if a.json:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from common import write_json
+        table = [{"method": m, "what": METHODS[m], "peak_rss_gb": r["peak_rss"] / 1e9,
+                  "x_weights": r["peak_rss"] / weights, "above_bare_x_weights": (r["peak_rss"] - bare) / weights,
+                  "seconds": r["seconds"]} for m, r in rows.items()]
+        write_json(a.json, {"load": table}, size=size, weights_gb=weights / 1e9,
+                   memory_available_gb=available / 1e9)
     ratio = rows["ours"]["peak_rss"] / weights
     print(f"\nours: {ratio:.2f} x the weights' size (target <= 1.3): {'met' if ratio <= 1.3 else 'NOT met'}")
 

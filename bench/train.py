@@ -36,7 +36,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from common import describe, sync
+from common import describe, sync, write_json
 
 from llm_from_scratch.core import get_device
 from llm_from_scratch.gpt import GPT_CONFIG_124M, GPTModel
@@ -143,6 +143,7 @@ def main(argv=None) -> None:
     ap.add_argument('--bf16-impls', nargs='*', default=None, help='time only these implementations in bf16 (default: all)')
     ap.add_argument('--peak-n', type=int, default=None, help='matrix size for the peak measurements (default 2048 on CPU, 8192 on GPU)')
     ap.add_argument('--threads', type=int, default=None, help="CPU threads (default: PyTorch's choice); 1 is steadier on a busy machine")
+    ap.add_argument('--json', default=None, metavar='PATH', help='also write the table and the machine to PATH')
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,6 +203,7 @@ def main(argv=None) -> None:
           'of fp32 peak | of bf16 peak |')
     print('|---|---|---|---:|---:|---:|---:|---:|---:|---:|')
     tps = {(c, p, label): v for c, p, label, v, _ in rows}
+    table = []
     for c, p, label, v, peak in rows:
         ref = lambda lab, prec=p: tps.get((c, prec, lab))
         flops = flops_per_token(CONFIGS[c][0]) * v
@@ -209,8 +211,19 @@ def main(argv=None) -> None:
         ours_fp32 = f'{v / ref("ours", "fp32"):.2f}x' if ref('ours', 'fp32') else 'n/a'
         print(f'| {c} | {p} | {label} | {v:,.0f} | {vs[0]} | {vs[1]} | {ours_fp32} | {flops / 1e9:,.1f} | '
               f'{flops / peak["fp32"]:.0%} | {flops / peak["bf16"]:.0%} |')
+        table.append({'config': c, 'precision': p, 'implementation': label, 'tokens_per_s': v,
+                      'vs_book': v / ref('book') if ref('book') else None,
+                      'vs_transformers': v / ref('transformers') if ref('transformers') else None,
+                      'vs_ours_fp32': v / ref('ours', 'fp32') if ref('ours', 'fp32') else None,
+                      'gflops': flops / 1e9, 'of_fp32_peak': flops / peak['fp32'],
+                      'of_bf16_peak': flops / peak['bf16']})
     print('\nmatmul peak measured during the runs (median): ' +
           ', '.join(f'{k} {statistics.median(v) / 1e9:,.0f} GFLOP/s' for k, v in all_peaks.items() if v))
+    if args.json:
+        write_json(args.json, {'train': table}, device, configs={c: {'batch': CONFIGS[c][1],
+                   'context_length': CONFIGS[c][0]['context_length'], 'emb_dim': CONFIGS[c][0]['emb_dim'],
+                   'n_layers': CONFIGS[c][0]['n_layers']} for c in args.configs}, steps=args.steps,
+                   rounds=args.rounds, peak_gflops={k: statistics.median(v) / 1e9 for k, v in all_peaks.items() if v})
     print('FLOPs per token (6N + 12 L T d): ' + ', '.join(f'{c} {flops_per_token(CONFIGS[c][0]) / 1e9:.3f} G' for c in args.configs))
 
 
