@@ -5,6 +5,8 @@ the re-count-every-merge trainer and Hugging Face `tokenizers`, all measured in 
 
 Encoding: throughput (MB/s of UTF-8) on Tiny Shakespeare with GPT-2's merges, one thread. "cold" starts
 from an empty pre-token cache (a fresh tokenizer), "warm" encodes the same text again.
+Long pre-tokens: seconds to encode one unbroken run of n letters (ours merges it through a heap; the scan alone,
+quadratic, is timed where it finishes in seconds).
 Training: seconds to learn a 1,000- and a 5,000-token vocabulary (with <|endoftext|>) on Tiny Shakespeare.
 The re-count trainer runs for at most --recount-budget seconds per vocabulary; the merges left are then
 counted at the cost of one merge on the *final* token sequence, which is a lower bound (the sequence
@@ -205,6 +207,29 @@ def main(argv=None):
     print(f'\ntargets: ours cold >= 0.25x tiktoken: {t_tik / t_cold:.2f}x -> {"met" if t_tik / t_cold >= 0.25 else "NOT met"}; '
           f'ours cold >= 1.3x original (cold): {t_orig / t_cold:.2f}x -> {"met" if t_orig / t_cold >= 1.3 else "NOT met"}\n')
 
+    # ---- long unbroken pre-tokens: one "word" of n letters, where the merge loop used to be quadratic ----
+    from llm_from_scratch.bpe import merge_by_scan
+    longest = []
+    print('| one pre-token of n letters | ours (s) | tiktoken (s) | ours vs tiktoken | scan only (s) | heap vs scan |')
+    print('|---|---:|---:|---:|---:|---:|')
+    for n in (1_000, 4_000, 16_000, 100_000):
+        word = 'a' * n
+        t_tik_n, ref = best_of(args.repeats, lambda: None, lambda _, w=word: tik.encode(w))
+        t_ours_n, ids = best_of(args.repeats, ours, lambda tok, w=word: tok.encode(w))
+        assert ids == ref, f'ours differs from tiktoken on {n} letters'
+        # the quadratic scan alone, for the sizes where it finishes in seconds
+        t_scan = None
+        if n <= 4_000:
+            tok = ours()
+            byte_ids = [tok._byte_ids[b] for b in word.encode('utf-8')]
+            t_scan, scan_ids = best_of(1, lambda: None, lambda _: merge_by_scan(byte_ids, tok._ranks))
+            assert scan_ids == ref
+        scan_s, ratio = (f'{t_scan:.3f}', f'{t_scan / t_ours_n:.0f}x') if t_scan else ('(minutes)', '–')
+        print(f'| {n:,} | {t_ours_n:.4f} | {t_tik_n:.4f} | {t_tik_n / t_ours_n:.2f}x | {scan_s} | {ratio} |')
+        longest.append({'letters': n, 'ours_s': t_ours_n, 'tiktoken_s': t_tik_n, 'vs_tiktoken': t_tik_n / t_ours_n,
+                        'scan_s': t_scan})
+    print()
+
     # ---- training ----
     rows = []
     for vocab_size in (1000, 5000):
@@ -230,7 +255,7 @@ def main(argv=None):
                          'speed_vs_tokenizers': t_hf / t_ours, 'speed_vs_recount': t_re / t_ours})
     if args.json:
         from common import write_json
-        write_json(args.json, {'encoding': encoding, 'training': training}, corpus_mb=mb, repeats=args.repeats,
+        write_json(args.json, {'encoding': encoding, 'long_pretokens': longest, 'training': training}, corpus_mb=mb, repeats=args.repeats,
                    recount_budget_s=args.recount_budget, tiktoken=tiktoken.__version__, threads=1)
     worst_hf = max(t_ours / t_hf for _, t_ours, t_hf, *_ in rows)
     worst_re = min(t_re / t_ours for _, t_ours, _, t_re, *_ in rows)
