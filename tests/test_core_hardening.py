@@ -111,6 +111,17 @@ def test_doctor_fails_when_pandas_cannot_be_imported():
     assert ' FAIL ' in got and 'finetune-classifier' in got and 'pip install' in got, got
 
 
+def test_report_fails_when_a_serve_dependency_cannot_be_imported():
+    "The report itself (the CLI imports serve's module to build its parser, so it is checked through core)."
+    code = ("import sys\nsys.modules['uvicorn'] = None\n"
+            "from llm_from_scratch.core import print_environment_report\n"
+            "sys.exit(0 if print_environment_report() else 1)")
+    r = python(code)
+    assert r.returncode == 1, r.stdout + r.stderr
+    got = line(r.stdout, 'uvicorn ')
+    assert ' FAIL ' in got and 'serve will not work' in got, got
+
+
 def test_doctor_reports_missing_tensorflow_as_optional():
     r = doctor("sys.modules['tensorflow'] = None")
     assert r.returncode == 0, r.stdout + r.stderr
