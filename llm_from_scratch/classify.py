@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .core import REGISTRY, DataFile, atomic_write, data_home, download, get_device
+from .core import REGISTRY, DataFile, atomic_write, data_home, download, get_device, read_text
 from .gpt import GPTModel
 from llm_from_scratch.trainer import (
     MODEL_CONFIGS,
@@ -136,21 +136,20 @@ def read_labeled_tsv(
     "Read `label<TAB>text` lines; a ValueError lists the line numbers of unknown labels, lines without a tab and empty texts."
     import pandas as pd
     rows, unknown, no_tab, empty = [], {}, [], []
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip('\r\n')
-            if not line.strip():
-                continue
-            label, tab, text = line.partition('\t')
-            label = label.strip()
-            if not tab:
-                no_tab.append(n)
-            elif label not in labels:
-                unknown.setdefault(label, []).append(n)
-            elif not text.strip():
-                empty.append(n)
-            else:
-                rows.append((label, text))
+    # read_text names the file and the line of a byte that is not UTF-8
+    for n, line in enumerate(read_text(path, 'labelled text').split('\n'), 1):
+        if not line.strip():
+            continue
+        label, tab, text = line.partition('\t')
+        label = label.strip()
+        if not tab:
+            no_tab.append(n)
+        elif label not in labels:
+            unknown.setdefault(label, []).append(n)
+        elif not text.strip():
+            empty.append(n)
+        else:
+            rows.append((label, text))
     problems = [f'label {lab!r} (not one of {", ".join(labels)}) on line{"s" * (len(ns) > 1)} {_line_list(ns)}'
                 for lab, ns in unknown.items()]
     if no_tab:

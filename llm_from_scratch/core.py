@@ -9,6 +9,9 @@ import contextlib
 import hashlib
 import http.client
 import importlib.metadata
+import importlib.util
+import json
+import operator
 import os
 import random
 import re
@@ -25,8 +28,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['REGISTRY', 'data_home', 'prefetched_dir', 'atomic_write', 'DataFile', 'register', 'sha256sum', 'ChecksumError',
-           'DownloadError', 'download', 'get_device', 'set_seed', 'Check', 'check_environment',
-           'print_environment_report']
+           'DownloadError', 'download', 'FileFormatError', 'read_text', 'read_json', 'gpt2_tokenizer', 'get_device',
+           'set_seed', 'Check', 'check_environment', 'print_environment_report']
 
 # %% ../nbs/00_core.ipynb #26d516bd
 def data_home() -> Path:
@@ -192,6 +195,68 @@ def download(
     raise DownloadError(f'Could not download {entry.filename} ({entry.name!r}):\n' + '\n'.join(errors)
                         + f'\nIf this machine is offline, fetch the file elsewhere and put it at {where}.')
 
+# %% ../nbs/00_core.ipynb #eb7e5afa
+class FileFormatError(ValueError):
+    "A data file that is not the UTF-8 text or the JSON it should be."
+
+def read_text(
+    path: str | Path,    # a UTF-8 text file; a leading byte-order mark is allowed
+    what: str = 'text',  # what the file holds, for the error message, e.g. 'instruction data'
+) -> str:                # the text, with Windows (CR LF) and old Mac (CR) line ends as LF
+    "The text of a UTF-8 file; a `FileFormatError` names the file and the first byte that is not UTF-8."
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = data.count(b'\n', 0, e.start) + 1
+        raise FileFormatError(f'{what} file {path} is not valid UTF-8: byte {e.start} (line {line}) '
+                              f'is 0x{data[e.start]:02x}; save the file as UTF-8') from None
+    return text.removeprefix('\ufeff').replace('\r\n', '\n').replace('\r', '\n')
+
+def read_json(
+    path: str | Path,    # a JSON file in UTF-8
+    what: str = 'JSON',  # what the file holds, for the error message
+):                       # the parsed value
+    "The content of a JSON file; a `FileFormatError` names the file and the line and column where it breaks."
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f'{what} file {path} is not valid JSON: {e.msg} '
+                              f'at line {e.lineno}, column {e.colno}') from None
+
+# %% ../nbs/00_core.ipynb #8e3dbd57
+def _tiktoken_cache_dir() -> Path | None:
+    "The folder tiktoken caches its downloads in, by its own rule (None: caching turned off)."
+    for var in ('TIKTOKEN_CACHE_DIR', 'DATA_GYM_CACHE_DIR'):
+        if var in os.environ:
+            return Path(os.environ[var]) if os.environ[var] else None
+    return Path(tempfile.gettempdir())/'data-gym-cache'
+
+def _tiktoken_gpt2_files() -> list[tuple[Path, str]]:
+    "(path in tiktoken's cache, SHA-256) of GPT-2's encoder.json and vocab.bpe."
+    cache = _tiktoken_cache_dir() or Path()
+    files = []
+    for name in ('gpt2-encoder', 'gpt2-vocab'):
+        url = f'{_GPT2}/encodings/main/{REGISTRY[name].filename}'
+        files.append((cache/hashlib.sha1(url.encode()).hexdigest(), REGISTRY[name].sha256))
+    return files
+
+def gpt2_tokenizer():
+    "tiktoken's GPT-2 encoding; a `DownloadError` says how to provide its files when tiktoken cannot get them."
+    import tiktoken  # here, so that the environment report works even without tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    # requests' connection errors are OSErrors; a download with the wrong checksum a ValueError
+    except (OSError, ValueError) as e:
+        cache = _tiktoken_cache_dir()
+        where = f'not in {cache}' if cache else 'not cached (TIKTOKEN_CACHE_DIR is empty)'
+        raise DownloadError(
+            f"tiktoken's GPT-2 files (encoder.json, vocab.bpe) are {where} and could not be "
+            f"downloaded ({type(e).__name__}): set TIKTOKEN_CACHE_DIR to a folder holding "
+            "tiktoken's cache files for gpt2, or connect to the network once; "
+            "llm-from-scratch doctor checks them") from None
+
 # %% ../nbs/00_core.ipynb #8c6671bf
 def get_device(device: str | torch.device | None = None) -> torch.device:
     "`device` if given, else `$LLM_FROM_SCRATCH_DEVICE`, else the first of cuda, mps, cpu that is available."
@@ -224,21 +289,31 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     "'2.13.0+cpu' -> (2, 13, 0); good enough to compare release versions."
     return tuple(int(x) for x in re.findall(r'\d+', v.split('+')[0])[:3])
 
-def _requirements() -> list[tuple[str, str | None]]:
-    "(package, minimum version) for each core requirement of the installed package."
+def _split_requirement(req: str) -> tuple[str, list[tuple[str, str]], str | None]:
+    "'fastcore<2,>=1.12.27' -> ('fastcore', [('<', '2'), ('>=', '1.12.27')], None), and a marker's extra."
+    spec, _, marker = req.partition(';')
+    name = re.match(r'\s*([A-Za-z0-9_.\-]+)', spec).group(1)
+    extra = re.search(r'extra\s*==\s*[\'"]([^\'"]+)', marker)
+    specs = re.findall(r'(>=|<=|==|!=|~=|>|<)\s*([\w.*+!\-]+)', spec.strip()[len(name):])
+    return name, specs, extra and extra.group(1)
+
+# used when the package is not installed (no metadata): the names of settings.ini's requirements
+_FALLBACK_REQUIREMENTS = ('torch', 'tiktoken', 'matplotlib', 'tqdm', 'numpy', 'safetensors', 'regex',
+                          'starlette', 'uvicorn', 'pandas', 'psutil', 'tokenizers', 'fastcore')
+
+def _requirements() -> list[tuple[str, list[tuple[str, str]], str | None]]:
+    "(package, version specifiers, extra or None) for each requirement of the installed package, dev tools left out."
     try:
         reqs = importlib.metadata.requires('llm-from-scratch') or []
     except importlib.metadata.PackageNotFoundError:
-        reqs = []
-    out = []
+        reqs = list(_FALLBACK_REQUIREMENTS)
+    out, seen = [], set()
     for r in reqs:
-        if 'extra ==' in r:
-            continue
-        m = re.match(r'\s*([A-Za-z0-9_.\-]+)\s*(?:>=\s*([\w.]+))?', r)
-        if m:
-            out.append((m.group(1), m.group(2)))
-    return out or [('torch', None), ('tiktoken', None), ('matplotlib', None), ('tqdm', None), ('numpy', None),
-                   ('safetensors', None)]
+        name, specs, extra = _split_requirement(r)
+        if extra != 'dev' and name.lower() not in seen:
+            seen.add(name.lower())
+            out.append((name, specs, extra))
+    return out
 
 # %% ../nbs/00_core.ipynb #1a8491bf
 @dataclass
@@ -248,24 +323,67 @@ class Check:
     status: str  # 'OK', 'FAIL' or 'INFO'
     detail: str = ''
 
-def _package_checks() -> list[Check]:
-    "Python's version, each required package against its minimum, and the optional TensorFlow."
-    checks = [Check('python', 'OK' if sys.version_info >= (3, 10) else 'FAIL',
-                    f'{sys.version.split()[0]} (needs >= 3.10)')]
-    for pkg, need in _requirements():
-        try:
-            have = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            checks.append(Check(pkg, 'FAIL', f'not installed (needs >= {need})' if need else 'not installed')); continue
-        ok = need is None or _version_tuple(have) >= _version_tuple(need)
-        checks.append(Check(pkg, 'OK' if ok else 'FAIL', f'{have}' + (f' (needs >= {need})' if need else '')))
-    try:  # optional, only to read OpenAI's original GPT-2 checkpoints; not imported here (slow)
-        tf = f'{importlib.metadata.version("tensorflow")} (optional)'
-    except importlib.metadata.PackageNotFoundError:
-        tf = "not installed (optional: pip install 'llm-from-scratch[tf]' to read OpenAI's checkpoints)"
-    checks.append(Check('tensorflow', 'INFO', tf))
-    return checks
+# what stops working without each package; any other requirement is needed by every command
+_NEEDED_BY = {
+    'pandas': 'finetune-classifier and classify (chapter 6)',
+    'starlette': 'serve', 'uvicorn': 'serve',
+    'tokenizers': 'generate and serve with Qwen3 or Gemma 3 models',
+    'psutil': 'the Ollama check of chapter 7 on systems without /proc',
+    'matplotlib': "the chapters' loss plots",
+    'safetensors': 'saving and loading weights: every command but doctor',
+    'regex': 'the byte-pair tokenizer of chapter 2',
+    'tensorflow': "reading OpenAI's original GPT-2 checkpoints",
+}
+# import names that differ from the distribution's name
+_IMPORT_NAMES = {'pyyaml': 'yaml'}
 
+def _import_error(pkg: str, optional: bool) -> str | None:
+    "Why `pkg` cannot be imported, or None; an optional one is only looked up (TensorFlow takes seconds)."
+    module = _IMPORT_NAMES.get(pkg.lower(), pkg.replace('-', '_'))
+    try:
+        if not optional:
+            importlib.import_module(module)
+        elif importlib.util.find_spec(module) is None:
+            return 'cannot be found by the import system'
+    except Exception as e:  # a broken install fails in many ways: report, do not crash
+        first = (str(e).splitlines() or [''])[0]
+        return f'cannot be imported ({type(e).__name__}: {first})'
+    return None
+
+# %% ../nbs/00_core.ipynb #849922b9
+def _package_check(pkg: str, specs: list[tuple[str, str]], extra: str | None) -> Check:
+    "One requirement: installed, importable, new enough; if not, what it disables and how to install it."
+    need = ','.join(op + v for op, v in specs)
+    try:
+        have = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        have = None
+    problem = 'not installed' if have is None else None
+    if have is not None and (err := _import_error(pkg, extra is not None)):
+        problem = f'{have} is installed but {err}'
+    if problem is None:
+        bad = [op + v for op, v in specs if not _OPS[op](_version_tuple(have), _version_tuple(v))]
+        problem = f'{have} is too old or too new (needs {need})' if bad else None
+    if problem is None:
+        notes = [f'needs {need}'] * bool(need) + ['optional'] * bool(extra)
+        return Check(pkg, 'OK', have + (f" ({', '.join(notes)})" if notes else ''))
+    needed_by = _NEEDED_BY.get(pkg, 'every command')
+    if extra:
+        return Check(pkg, 'INFO', f"{problem} (optional): {needed_by} needs it; "
+                                  f"pip install 'llm-from-scratch[{extra}]'")
+    return Check(pkg, 'FAIL', f"{problem}{f' (needs {need})' if need and have is None else ''}: "
+                              f"{needed_by} will not work; pip install '{pkg}{need}'")
+
+_OPS = {'>=': operator.ge, '>': operator.gt, '<=': operator.le, '<': operator.lt,
+        '==': operator.eq, '!=': operator.ne, '~=': operator.ge}
+
+def _package_checks() -> list[Check]:
+    "Python's version, then each requirement of the package, the optional ones included."
+    checks = [Check('python', 'OK' if sys.version_info >= (3, 10) else 'FAIL',
+                    f'{sys.version.split()[0]} (needs >=3.10)')]
+    return checks + [_package_check(*r) for r in _requirements()]
+
+# %% ../nbs/00_core.ipynb #76da7211
 def _device_check() -> Check:
     "The device that get_device picks, with a GPU's name and memory."
     dev = get_device()
@@ -274,6 +392,19 @@ def _device_check() -> Check:
         p = torch.cuda.get_device_properties(dev)
         detail = f'cuda: {p.name}, {p.total_memory / 2**30:.1f} GiB'
     return Check('device', 'OK', detail)
+
+def _tiktoken_check() -> Check:
+    "Whether tiktoken's GPT-2 files are in its cache; if not, whether tiktoken can download them."
+    what, cache = 'tiktoken: gpt2 files', _tiktoken_cache_dir()
+    if cache is not None and all(p.is_file() and sha256sum(p) == sha for p, sha in _tiktoken_gpt2_files()):
+        return Check(what, 'OK', str(cache))
+    try:
+        gpt2_tokenizer()  # the download a first command would make, with the same error
+    except DownloadError as e:
+        return Check(what, 'FAIL', str(e))
+    except ImportError as e:
+        return Check(what, 'FAIL', f'tiktoken cannot be imported ({e})')
+    return Check(what, 'OK', f'downloaded into {cache}' if cache else 'downloaded (not cached)')
 
 # %% ../nbs/00_core.ipynb #ab38c0de
 def _data_checks() -> list[Check]:
@@ -298,8 +429,8 @@ def _data_checks() -> list[Check]:
     return checks
 
 def check_environment() -> list[Check]:
-    "Versions of the required packages, the device, and where each registered data file would come from."
-    return [*_package_checks(), _device_check(), *_data_checks()]
+    "The required and optional packages, tiktoken's files, the device, and where each data file would come from."
+    return [*_package_checks(), _tiktoken_check(), _device_check(), *_data_checks()]
 
 def print_environment_report(checks: list[Check] | None = None) -> bool:
     "Print `check_environment()` as a table; return True when nothing failed."

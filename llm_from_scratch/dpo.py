@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .classify import load_base_model
-from .core import data_home, download
+from .core import data_home, download, read_json
 from .instruct import add_finetune_options, check_finetune_options, format_input, split_instruction_data
 from .pretrain import check_loop_settings, generate_and_print_sample
 from .trainer import save_checkpoint
@@ -42,10 +41,7 @@ def load_preference_data(
         data, path = path, 'the data'
     else:
         path = download('preference-data', quiet=True) if path is None else Path(path)
-        try:
-            data = json.loads(Path(path).read_text(encoding='utf-8'))
-        except ValueError as e:
-            raise ValueError(f'{path} is not valid JSON ({e})') from None
+        data = read_json(path, 'preference data')  # names the file, and the line of a JSON error
     if not isinstance(data, list) or not data:
         raise ValueError(f'{path} should hold a non-empty JSON list of entries')
     for i, entry in enumerate(data):

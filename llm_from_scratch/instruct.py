@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .classify import load_base_model
-from .core import REGISTRY, DataFile, atomic_write, data_home, download
+from .core import REGISTRY, DataFile, atomic_write, data_home, download, read_json
 from .kv_cache import generate
 from .pretrain import text_to_token_ids, token_ids_to_text, train_model_simple
 from .trainer import save_checkpoint
@@ -61,8 +61,7 @@ def download_and_load_file(
             with open(path, 'rb') as src, atomic_write(file_path) as dst:
                 shutil.copyfileobj(src, dst)
             path = Path(file_path)
-    with open(path, encoding='utf-8') as file:
-        data = json.load(file)
+    data = read_json(path, 'instruction data')  # names the file, and the line of a JSON error
     if not isinstance(data, list) or not all(isinstance(e, dict) and {'instruction', 'output'} <= set(e) for e in data):
         raise ValueError(f'{path} is not a list of entries with "instruction" and "output" keys')
     return data
