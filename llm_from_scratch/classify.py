@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .core import REGISTRY, DataFile, atomic_write, data_home, download, get_device, read_text
+from .core import DataFile, REGISTRY, atomic_write, data_home, download, get_device, gpt2_tokenizer, read_text
 from .gpt import GPTModel
 from llm_from_scratch.trainer import (
     MODEL_CONFIGS,
@@ -235,7 +235,7 @@ def load_shakespeare_gpt(
                     'device': str(get_device(device)), 'precision': 'fp32', 'progress': progress}
         train_cfg = TrainConfig(**{**settings, **train_options})
         trainer = Trainer(model, TokenWindows(tokens[:split], T), TokenWindows(tokens[split:], T), train_cfg,
-                          run_dir=run_dir, tokenizer=tiktoken.get_encoding('gpt2'))
+                          run_dir=run_dir, tokenizer=gpt2_tokenizer())
         trainer.fit(resume=run_dir if (run_dir/'latest').is_file() else None)
     load_checkpoint(run_dir, model.cpu())
     return model.eval()
@@ -536,7 +536,7 @@ def classify_text(
 ) -> tuple[str, float]:        # (label, its probability)
     "The most probable label of `text` and its probability."
     meta = meta or {}
-    tokenizer = tokenizer or tiktoken.get_encoding('gpt2')
+    tokenizer = tokenizer or gpt2_tokenizer()
     probas = class_probabilities(text, model, tokenizer, device, meta.get('max_length'), meta.get('pad_token_id', 50256),
                                  meta.get('last_token', 'non_pad'))
     labels = meta.get('labels', SPAM_LABELS)
@@ -586,7 +586,7 @@ def load_classifier(
         raise CheckpointError(f'{ckpt} is not a classifier: its config.json has no "classifier" section')
     model = add_classification_head(GPTModel(config['model']), len(clf['labels']), trainable_blocks=None)
     load_checkpoint(ckpt, model)
-    tokenizer = tiktoken.get_encoding(clf.get('tokenizer', 'gpt2'))
+    tokenizer = gpt2_tokenizer() if (name := clf.get('tokenizer', 'gpt2')) == 'gpt2' else tiktoken.get_encoding(name)
     return model.to(get_device(device)).eval(), tokenizer, {**clf, 'path': str(ckpt), 'info': config.get('info', {})}
 
 # %% ../nbs/06_classify.ipynb #bcde709d

@@ -13,14 +13,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-import tiktoken
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .classify import load_base_model
-from .core import data_home, download, read_json
+from .core import data_home, download, gpt2_tokenizer, read_json
 from .instruct import add_finetune_options, check_finetune_options, format_input, split_instruction_data
 from .pretrain import check_loop_settings, generate_and_print_sample
 from .trainer import save_checkpoint
@@ -365,7 +364,7 @@ def finetune_dpo(
     context = cfg['context_length']
     allowed_max_length = context if allowed_max_length is None else min(allowed_max_length, context)
 
-    tokenizer = tiktoken.get_encoding('gpt2')
+    tokenizer = gpt2_tokenizer()
     collate = partial(preference_collate_fn, device=device, mask_prompt_tokens=True, allowed_max_length=allowed_max_length)
     torch.manual_seed(seed)
     train_loader = DataLoader(PreferenceDataset(train_data, tokenizer), batch_size=batch_size, collate_fn=collate,

@@ -23,13 +23,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import tiktoken
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .classify import load_base_model
-from .core import REGISTRY, DataFile, atomic_write, data_home, download, read_json
+from .core import DataFile, REGISTRY, atomic_write, data_home, download, gpt2_tokenizer, read_json
 from .kv_cache import generate
 from .pretrain import text_to_token_ids, token_ids_to_text, train_model_simple
 from .trainer import save_checkpoint
@@ -215,7 +214,7 @@ def generate_response(
     device=None,                  # None: the model's device
 ) -> str:
     "The model's greedy response to one entry, as the book extracts it: the text after the prompt, without its header."
-    tokenizer = tokenizer or tiktoken.get_encoding('gpt2')
+    tokenizer = tokenizer or gpt2_tokenizer()
     device = device if device is not None else next(model.parameters()).device
     input_text = format_input_fn(entry)
     model.eval()
@@ -357,7 +356,7 @@ def response_loss(
     "Cross-entropy and perplexity of the reference outputs (and their end token) given the prompts, the prompts masked out."
     if not data:
         raise ValueError('There are no entries to evaluate')
-    tokenizer = tokenizer or tiktoken.get_encoding('gpt2')
+    tokenizer = tokenizer or gpt2_tokenizer()
     device = device if device is not None else next(model.parameters()).device
     if allowed_max_length is None:
         allowed_max_length = getattr(model, 'cfg', {}).get('context_length') or model.pos_emb.weight.shape[0]
@@ -491,7 +490,7 @@ def finetune_instruct(
         raise ValueError('finetune_instruct trains a GPTModel (a model with its config in .cfg)')
     context = cfg['context_length']
     allowed_max_length = context if allowed_max_length is None else min(allowed_max_length, context)
-    tokenizer = tiktoken.get_encoding('gpt2')
+    tokenizer = gpt2_tokenizer()
     collate = functools.partial(custom_collate_fn, device=device, allowed_max_length=allowed_max_length)
     train_loader, val_loader = _sft_loaders(train_data, val_data, tokenizer, collate, batch_size,
                                             mask_instruction, seed)

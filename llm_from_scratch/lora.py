@@ -11,7 +11,6 @@ import math
 import time
 from pathlib import Path
 
-import tiktoken
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -29,7 +28,7 @@ from llm_from_scratch.classify import (
     save_classifier,
     train_classifier_simple,
 )
-from .core import data_home
+from .core import data_home, gpt2_tokenizer
 
 # %% auto #0
 __all__ = ['LoRALayer', 'LinearWithLoRA', 'replace_linear_with_lora', 'merge_lora', 'finetune_classifier']
@@ -164,7 +163,7 @@ def finetune_classifier(
     if lora_rank is not None and (not isinstance(lora_rank, int) or lora_rank < 1):
         raise ValueError(f'lora_rank must be a positive integer or None, not {lora_rank!r}')
     start_time = time.time()
-    tokenizer = tiktoken.get_encoding('gpt2')
+    tokenizer = gpt2_tokenizer()
     if data is None:
         parts = list(prepare_spam_csvs().values())
     else:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import operator
 import re
 
-import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .core import gpt2_tokenizer
 
 # %% auto #0
 __all__ = ['TOKEN_PATTERN', 'split_words', 'build_vocab', 'SimpleTokenizerV1', 'SimpleTokenizerV2', 'GPTDatasetV1',
@@ -128,7 +129,7 @@ def create_dataloader_v1(
 ) -> DataLoader:             # yields (inputs, targets), each (batch_size, max_length)
     "The book's data loader: `GPTDatasetV1` windows of `txt`, in batches."
     batch_size = _positive_int('batch_size', batch_size)
-    tokenizer = tiktoken.get_encoding('gpt2') if tokenizer is None else tokenizer
+    tokenizer = gpt2_tokenizer() if tokenizer is None else tokenizer
     dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(f'the text gives {len(dataset)} windows of max_length={max_length}, stride={stride}, fewer than '
