@@ -405,7 +405,7 @@ def fit_messages(
     encode,                # the chat template: a list of messages -> token ids
     max_tokens: int,       # the longest prompt allowed: the model's context length
 ) -> tuple[list[dict], list[int]]:  # the messages kept and their prompt's token ids
-    "Keep the system messages and the newest turns whose prompt fits in `max_tokens`, as Ollama does."
+    "The system messages and the newest turns whose prompt fits in `max_tokens`, as Ollama keeps them."
     ids = encode(messages)
     if len(ids) <= max_tokens:
         return messages, ids
@@ -414,7 +414,7 @@ def fit_messages(
         return [m for i, m in enumerate(messages) if i >= start or m['role'] == 'system']
     # a kept part begins with a question (a whole turn), or is the newest message alone
     last = len(messages) - 1
-    starts = [i for i, m in enumerate(messages) if 0 < i < last and m['role'] == 'user'] + [last]
+    starts = [i for i in range(1, last) if messages[i]['role'] == 'user'] + [last]
     newest = keep(last)
     if len(newest) == len(messages):
         raise ValueError(f'the prompt is {len(ids)} tokens long; '
@@ -473,10 +473,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     try:
         async for chunk in request.stream():
             body += chunk
-            if len(body) > limit:                    # a chunked body says its length only at the end
+            # a chunked body says its length only at the end
+            if len(body) > limit:
                 raise too_long
     except ClientDisconnect:
-        raise RequestError(400, 'the client disconnected before the end of its request body') from None
+        raise RequestError(400, 'the client left before the end of its request body') from None
     return bytes(body)
 
 async def _json_body(request: Request, limit: int) -> dict:
@@ -486,7 +487,8 @@ async def _json_body(request: Request, limit: int) -> dict:
         data = json.loads(body)
     except RecursionError:
         raise RequestError(400, 'the JSON in the request body is nested too deeply') from None
-    except ValueError as e:                          # not JSON, not UTF-8, or an overlong number
+    # not JSON, not UTF-8, or a number too long to convert
+    except ValueError as e:
         raise RequestError(400, f'invalid JSON in the request body: {e}') from None
     if not isinstance(data, dict):
         raise RequestError(400, 'the request body must be a JSON object')
@@ -523,26 +525,28 @@ async def _prompt_ids(served: ServedModel, encode, *args) -> list[int]:
         raise RequestError(400, str(e)) from None
     return ids
 
-async def _chat_ids(served: ServedModel, messages: list[dict], think: bool = False) -> tuple[list[int], int]:
-    "A conversation's token ids, without the oldest turns that do not fit: (ids, how many messages were dropped)."
+async def _chat_ids(served: ServedModel, messages: list[dict], think: bool = False) -> tuple[list, int]:
+    "A conversation's token ids without the oldest turns that do not fit, and how many were dropped."
     encode = partial(served.chat.encode_chat, think=think)
     try:
         kept, ids = await run_in_threadpool(fit_messages, messages, encode, served.worker.context_length)
-    except ValueError as e:    # the chat template refused the messages, or the newest alone is too long
+    # the chat template refused the messages, or the newest alone is too long
+    except ValueError as e:
         raise RequestError(400, str(e)) from None
     return ids, len(messages) - len(kept)
 
 # %% ../nbs/91_serve.ipynb #c011ec7a
 async def _until_disconnect(request: Request) -> None:
-    "Return when the client has gone (after the body, the only message left is http.disconnect)."
+    "Return when the client has gone (after the body, only http.disconnect can arrive)."
     while (await request.receive())['type'] != 'http.disconnect':
         pass
 
 async def _collect(request: Request, events: AsyncIterator[str | dict]) -> list | None:
-    "Everything the worker yields; None if the client disconnects first, which stops the generation."
+    "Everything the worker yields; None if the client leaves first, which stops the generation."
     async def gather():
         return [item async for item in events]
-    collect, gone = asyncio.ensure_future(gather()), asyncio.ensure_future(_until_disconnect(request))
+    collect = asyncio.ensure_future(gather())
+    gone = asyncio.ensure_future(_until_disconnect(request))
     try:
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -555,7 +559,7 @@ async def _collect(request: Request, events: AsyncIterator[str | dict]) -> list 
 
 # %% ../nbs/91_serve.ipynb #463988b2
 async def _ollama_prompt(served: ServedModel, data: dict, chat_route: bool) -> tuple[list[int], int]:
-    "The prompt's token ids for /api/chat or /api/generate ([] for a request without text), and the messages dropped."
+    "The prompt's ids for /api/chat or /api/generate ([] without text), and the messages dropped."
     chat = served.chat
     if chat_route:
         messages = check_messages(data.get('messages') or [])
@@ -585,7 +589,8 @@ def _ollama_final(model_name: str, chat_route: bool, stats: dict, text: str = ''
             'prompt_eval_count': stats['prompt_tokens'], 'prompt_eval_duration': _ns(stats['prompt_seconds']),
             'eval_count': stats['completion_tokens'], 'eval_duration': _ns(stats['eval_seconds'])}
 
-async def _ollama_lines(model_name: str, chat_route: bool, events, extra: dict | None = None) -> AsyncIterator[str]:
+async def _ollama_lines(model_name: str, chat_route: bool, events,
+                        extra: dict | None = None) -> AsyncIterator[str]:
     "The worker's output as Ollama's stream, one JSON object per line; extra fields go on the last."
     try:
         async for item in events:
@@ -624,8 +629,8 @@ async def _ollama(served: ServedModel, request: Request, chat_route: bool):
             return Response(status_code=499)
         final = _ollama_final(name, chat_route, items[-1], ''.join(items[:-1]))
         return JSONResponse({**final, **extra}, headers=headers)
-    return StreamingResponse(_ollama_lines(name, chat_route, events, extra), media_type='application/x-ndjson',
-                             headers=headers)
+    lines = _ollama_lines(name, chat_route, events, extra)
+    return StreamingResponse(lines, media_type='application/x-ndjson', headers=headers)
 
 async def _ollama_chat(served: ServedModel, request: Request):
     return await _ollama(served, request, chat_route=True)
@@ -677,8 +682,9 @@ def _delta(delta: dict, finish_reason: str | None = None) -> list:
     "The choices of a chunk: one, with what is new in the message."
     return [{'index': 0, 'delta': delta, 'logprobs': None, 'finish_reason': finish_reason}]
 
-async def _openai_events(head: dict, events, include_usage: bool, extra: dict | None = None) -> AsyncIterator[str]:
-    "The worker's output as OpenAI's stream: the role, a delta per piece, the finish reason (with extra), [DONE]."
+async def _openai_events(head: dict, events, include_usage: bool,
+                         extra: dict | None = None) -> AsyncIterator[str]:
+    "OpenAI's stream: the role, a delta per piece, the finish reason (with extra), [DONE]."
     yield _sse(head, _delta({'role': 'assistant', 'content': ''}))
     try:
         async for item in events:
@@ -725,7 +731,8 @@ async def _openai_chat(served: ServedModel, request: Request):
         if items is None:      # the client has gone
             return Response(status_code=499)
         return JSONResponse({**_openai_completion(head, items), **extra}, headers=headers)
-    return StreamingResponse(_openai_events(head, events, include_usage, extra), media_type='text/event-stream',
+    sse = _openai_events(head, events, include_usage, extra)
+    return StreamingResponse(sse, media_type='text/event-stream',
                              headers={'Cache-Control': 'no-cache', **(headers or {})})
 
 async def _openai_models(served: ServedModel, request: Request):
@@ -915,8 +922,9 @@ def create_app(
                          f'not {max_tokens!r}')
     if temperature < 0:
         raise ValueError(f'temperature must be >= 0, not {temperature!r}')
-    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-        raise ValueError(f'max_body_bytes must be a positive number of bytes, not {max_body_bytes!r}')
+    if type(max_body_bytes) is not int or max_body_bytes < 1:
+        raise ValueError(f'max_body_bytes must be a positive whole number of bytes, '
+                         f'not {max_body_bytes!r}')
     chat = ChatTokenizer(tokenizer, stop_ids)
     served = ServedModel(model, model_name, chat, ModelWorker(model, chat),
                          Sampling(max_new_tokens=max_tokens, temperature=temperature), max_tokens_limit,
@@ -951,7 +959,7 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self):
-        "Handle Ctrl+C and SIGTERM while serving (in the main thread); do not raise them again after."
+        "Handle Ctrl+C and SIGTERM while serving (main thread only); never raise them again after."
         if threading.current_thread() is not threading.main_thread():
             yield
             return
