@@ -12,6 +12,7 @@ import hashlib
 import html
 import json
 import math
+import reprlib
 import signal
 import socket
 import threading
@@ -330,17 +331,24 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.message = status, message
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = 40
+
+def _shown(value) -> str:
+    "A client's value as an error message quotes it: its repr, long strings and numbers cut short."
+    return _REPR.repr(value)
+
 def _integer(value, name: str, low: int | None = None, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f'{name} must be an integer, not {value!r}')
+        raise RequestError(400, f'{name} must be an integer, not {_shown(value)}')
     if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(400, f'{name} must be between {low} and {high}, not {value}')
+        raise RequestError(400, f'{name} must be between {low} and {high}, not {_shown(value)}')
     return value
 
 def _number(value, name: str, low: float = 0.0) -> float:
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             or value < low):
-        raise RequestError(400, f'{name} must be a number >= {low}, not {value!r}')
+        raise RequestError(400, f'{name} must be a number >= {low}, not {_shown(value)}')
     return float(value)
 
 # %% ../nbs/91_serve.ipynb #aa62803b
@@ -355,7 +363,7 @@ def parse_sampling(
 ) -> Sampling:
     "The request's `Sampling`; a `RequestError` (400) names the first bad value."
     if not isinstance(values, dict):
-        raise RequestError(400, f'options must be a JSON object, not {values!r}')
+        raise RequestError(400, f'options must be a JSON object, not {_shown(values)}')
     s = Sampling(defaults.max_new_tokens, defaults.temperature, defaults.top_k, defaults.seed)
     n = values.get(length_key)
     if n is not None:
@@ -444,7 +452,7 @@ def _flag(data: dict, key: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise RequestError(400, f'{key} must be true or false, not {value!r}')
+        raise RequestError(400, f'{key} must be true or false, not {_shown(value)}')
     return value
 
 def _ns(seconds: float) -> int:

@@ -199,6 +199,15 @@ def test_body_within_the_limit_is_served(small_limit_server, route):
     assert status == 200, answer
 
 
+@pytest.mark.parametrize('options, word', [({'seed': 'x' * 100_000}, 'seed'), ({'num_predict': int('9' * 4000)}, 'num_predict'),
+                                           ({'temperature': [[[[[[[[[[1]]]]]]]]]]}, 'temperature')])
+def test_errors_quote_a_long_value_briefly(server, options, word):
+    "An error message names the bad value in a few dozen characters, whatever its size."
+    status, _, body = post_json(f'{server.url}/api/chat', {'model': NAME, 'messages': [{'role': 'user', 'content': 'Hi'}],
+                                                           'options': options})
+    assert status == 400 and word in body['error'] and '...' in body['error'] and len(body['error']) < 120, body
+
+
 def test_create_app_checks_the_body_limit():
     for bad in (0, -1, 1.5, '1M'):
         with pytest.raises(ValueError, match='max_body_bytes'):
