@@ -12,6 +12,8 @@ import hashlib
 import html
 import json
 import math
+import reprlib
+import signal
 import socket
 import threading
 import time
@@ -20,6 +22,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,8 +30,8 @@ import uvicorn
 from fastcore.basics import patch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from torch import nn
 
@@ -39,8 +42,8 @@ from .qwen3 import PRETRAINED_QWEN3, Qwen3Tokenizer, load_qwen3_tokenizer
 
 # %% auto #0
 __all__ = ['ALPACA_PREAMBLE', 'CHAT_ROLES', 'CHAT_PAGE', 'messages_to_prompt', 'ChatTokenizer', 'TextDecoder', 'Sampling',
-           'ModelWorker', 'RequestError', 'parse_sampling', 'check_messages', 'ServedModel', 'create_app',
-           'BackgroundServer', 'serve', 'cmd_serve', 'add_cli_parser']
+           'ModelWorker', 'RequestError', 'parse_sampling', 'check_messages', 'fit_messages', 'ServedModel',
+           'create_app', 'BackgroundServer', 'serve', 'cmd_serve', 'add_cli_parser']
 
 # %% ../nbs/91_serve.ipynb #b6aae334
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
@@ -301,8 +304,10 @@ async def stream(
 
     def work():                                  # runs in the worker thread
         try:
+            if self._closing.is_set():
+                raise RuntimeError('the server is shutting down')
             # skip requests abandoned while queued
-            if not (cancel.is_set() or self._closing.is_set()):
+            if not cancel.is_set():
                 for item in self.generate(ids, sampling, cancel):
                     put(item)
         except Exception as e:                   # reported to the client by the response
@@ -326,17 +331,24 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.message = status, message
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = 40
+
+def _shown(value) -> str:
+    "A client's value as an error message quotes it: its repr, long strings and numbers cut short."
+    return _REPR.repr(value)
+
 def _integer(value, name: str, low: int | None = None, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f'{name} must be an integer, not {value!r}')
+        raise RequestError(400, f'{name} must be an integer, not {_shown(value)}')
     if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(400, f'{name} must be between {low} and {high}, not {value}')
+        raise RequestError(400, f'{name} must be between {low} and {high}, not {_shown(value)}')
     return value
 
 def _number(value, name: str, low: float = 0.0) -> float:
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             or value < low):
-        raise RequestError(400, f'{name} must be a number >= {low}, not {value!r}')
+        raise RequestError(400, f'{name} must be a number >= {low}, not {_shown(value)}')
     return float(value)
 
 # %% ../nbs/91_serve.ipynb #aa62803b
@@ -351,7 +363,7 @@ def parse_sampling(
 ) -> Sampling:
     "The request's `Sampling`; a `RequestError` (400) names the first bad value."
     if not isinstance(values, dict):
-        raise RequestError(400, f'options must be a JSON object, not {values!r}')
+        raise RequestError(400, f'options must be a JSON object, not {_shown(values)}')
     s = Sampling(defaults.max_new_tokens, defaults.temperature, defaults.top_k, defaults.seed)
     n = values.get(length_key)
     if n is not None:
@@ -395,27 +407,52 @@ def check_messages(
         out.append({'role': m['role'], 'content': content})
     return out
 
+# %% ../nbs/91_serve.ipynb #f1a7e5c2
+def fit_messages(
+    messages: list[dict],  # {"role", "content"} dicts, oldest first
+    encode,                # the chat template: a list of messages -> token ids
+    max_tokens: int,       # the longest prompt allowed: the model's context length
+) -> tuple[list[dict], list[int]]:  # the messages kept and their prompt's token ids
+    "The system messages and the newest turns whose prompt fits in `max_tokens`, as Ollama keeps them."
+    ids = encode(messages)
+    if len(ids) <= max_tokens:
+        return messages, ids
+
+    def keep(start):       # the system messages, and every message from start on
+        return [m for i, m in enumerate(messages) if i >= start or m['role'] == 'system']
+    # a kept part begins with a question (a whole turn), or is the newest message alone
+    last = len(messages) - 1
+    starts = [i for i in range(1, last) if messages[i]['role'] == 'user'] + [last]
+    newest = keep(last)
+    if len(newest) == len(messages):
+        raise ValueError(f'the prompt is {len(ids)} tokens long; '
+                         f'the model\'s context holds {max_tokens} tokens')
+    ids = encode(newest)
+    if len(ids) > max_tokens:
+        raise ValueError(f'the newest message is too long: without the earlier turns the prompt is '
+                         f'{len(ids)} tokens; the model\'s context holds {max_tokens} tokens')
+    # fewer messages make fewer tokens: search for the earliest start that still fits
+    best, lo, hi = len(starts) - 1, 0, len(starts) - 2
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        mid_ids = encode(keep(starts[mid]))
+        if len(mid_ids) <= max_tokens:
+            best, ids, hi = mid, mid_ids, mid - 1
+        else:
+            lo = mid + 1
+    return keep(starts[best]), ids
+
 # %% ../nbs/91_serve.ipynb #2ee7dd2c
 def _now() -> str:
     "The time as Ollama writes it: RFC 3339 in UTC."
     return datetime.now(timezone.utc).isoformat().replace('+00:00', 'Z')
-
-async def _json_body(request: Request) -> dict:
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f'invalid JSON in the request body: {e}') from None
-    if not isinstance(data, dict):
-        raise RequestError(400, 'the request body must be a JSON object')
-    return data
 
 def _flag(data: dict, key: str, default: bool) -> bool:
     value = data.get(key, default)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise RequestError(400, f'{key} must be true or false, not {value!r}')
+        raise RequestError(400, f'{key} must be true or false, not {_shown(value)}')
     return value
 
 def _ns(seconds: float) -> int:
@@ -432,6 +469,39 @@ def _openai_error(e: RequestError) -> JSONResponse:
 def _parameter_size(n: int) -> str:
     return f'{n / 1e9:.1f}B' if n >= 1e9 else f'{n / 1e6:.1f}M' if n >= 1e6 else f'{n / 1e3:.1f}K'
 
+# %% ../nbs/91_serve.ipynb #b0d7a11e
+async def _read_body(request: Request, limit: int) -> bytes:
+    "The body, read no further than limit bytes: a RequestError (413) as soon as it is longer."
+    too_long = RequestError(413, f'the request body is over this server\'s limit of {limit} bytes; '
+                                 'send less, or start the server with a larger max_body_bytes')
+    length = request.headers.get('content-length', '')
+    if length.isdigit() and int(length) > limit:     # refused before any of it is read
+        raise too_long
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            # a chunked body says its length only at the end
+            if len(body) > limit:
+                raise too_long
+    except ClientDisconnect:
+        raise RequestError(400, 'the client left before the end of its request body') from None
+    return bytes(body)
+
+async def _json_body(request: Request, limit: int) -> dict:
+    "The body as a JSON object; a RequestError (400, or 413 when too long) otherwise."
+    body = await _read_body(request, limit)
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise RequestError(400, 'the JSON in the request body is nested too deeply') from None
+    # not JSON, not UTF-8, or a number too long to convert
+    except ValueError as e:
+        raise RequestError(400, f'invalid JSON in the request body: {e}') from None
+    if not isinstance(data, dict):
+        raise RequestError(400, 'the request body must be a JSON object')
+    return data
+
 # %% ../nbs/91_serve.ipynb #7549adf8
 @dataclass
 class ServedModel:
@@ -443,6 +513,7 @@ class ServedModel:
     defaults: Sampling       # what a request leaves unset
     max_tokens_limit: int    # the most tokens one request may ask for
     created: int             # when the app was made, in seconds since 1970
+    max_body_bytes: int = 2**20  # the longest request body read
 
 # %% ../nbs/91_serve.ipynb #e2b069a0
 def _check_model(served: ServedModel, data: dict) -> None:
@@ -462,24 +533,56 @@ async def _prompt_ids(served: ServedModel, encode, *args) -> list[int]:
         raise RequestError(400, str(e)) from None
     return ids
 
+async def _chat_ids(served: ServedModel, messages: list[dict], think: bool = False) -> tuple[list, int]:
+    "A conversation's token ids without the oldest turns that do not fit, and how many were dropped."
+    encode = partial(served.chat.encode_chat, think=think)
+    try:
+        kept, ids = await run_in_threadpool(fit_messages, messages, encode, served.worker.context_length)
+    # the chat template refused the messages, or the newest alone is too long
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
+    return ids, len(messages) - len(kept)
+
+# %% ../nbs/91_serve.ipynb #c011ec7a
+async def _until_disconnect(request: Request) -> None:
+    "Return when the client has gone (after the body, only http.disconnect can arrive)."
+    while (await request.receive())['type'] != 'http.disconnect':
+        pass
+
+async def _collect(request: Request, events: AsyncIterator[str | dict]) -> list | None:
+    "Everything the worker yields; None if the client leaves first, which stops the generation."
+    async def gather():
+        return [item async for item in events]
+    collect = asyncio.ensure_future(gather())
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():
+            collect.cancel()             # closes the stream, which frees the worker
+            with contextlib.suppress(asyncio.CancelledError):
+                await collect
+    return None if collect.cancelled() else collect.result()
+
 # %% ../nbs/91_serve.ipynb #463988b2
-async def _ollama_prompt(served: ServedModel, data: dict, chat_route: bool) -> list[int]:
-    "The prompt's token ids for /api/chat or /api/generate; [] for a request without text."
+async def _ollama_prompt(served: ServedModel, data: dict, chat_route: bool) -> tuple[list[int], int]:
+    "The prompt's ids for /api/chat or /api/generate ([] without text), and the messages dropped."
     chat = served.chat
     if chat_route:
         messages = check_messages(data.get('messages') or [])
         if not messages:
-            return []
-        return await _prompt_ids(served, chat.encode_chat, messages, _flag(data, 'think', False))
+            return [], 0
+        return await _chat_ids(served, messages, _flag(data, 'think', False))
     text, system = data.get('prompt') or '', data.get('system')
     if not isinstance(text, str) or not isinstance(system, (str, type(None))):
         raise RequestError(400, 'prompt and system must be strings')
     if not text:
-        return []
+        return [], 0
     if chat.template == 'alpaca' or _flag(data, 'raw', False):
-        return await _prompt_ids(served, chat.encode, text)
+        return await _prompt_ids(served, chat.encode, text), 0
     messages = ([{'role': 'system', 'content': system}] if system else []) + [{'role': 'user', 'content': text}]
-    return await _prompt_ids(served, chat.encode_chat, messages, _flag(data, 'think', False))
+    return await _prompt_ids(served, chat.encode_chat, messages, _flag(data, 'think', False)), 0
 
 # %% ../nbs/91_serve.ipynb #140dd598
 def _ollama_chunk(model_name: str, chat_route: bool, text: str, done: bool = False) -> dict:
@@ -494,39 +597,48 @@ def _ollama_final(model_name: str, chat_route: bool, stats: dict, text: str = ''
             'prompt_eval_count': stats['prompt_tokens'], 'prompt_eval_duration': _ns(stats['prompt_seconds']),
             'eval_count': stats['completion_tokens'], 'eval_duration': _ns(stats['eval_seconds'])}
 
-async def _ollama_lines(model_name: str, chat_route: bool, events) -> AsyncIterator[str]:
-    "The worker's output as Ollama's stream, one JSON object per line."
+async def _ollama_lines(model_name: str, chat_route: bool, events,
+                        extra: dict | None = None) -> AsyncIterator[str]:
+    "The worker's output as Ollama's stream, one JSON object per line; extra fields go on the last."
     try:
         async for item in events:
             line = (_ollama_chunk(model_name, chat_route, item) if isinstance(item, str)
-                    else _ollama_final(model_name, chat_route, item))
+                    else {**_ollama_final(model_name, chat_route, item), **(extra or {})})
             yield json.dumps(line) + '\n'
     except Exception as e:   # the status line has gone: report in the stream, as Ollama does
         yield json.dumps({'error': f'generation failed: {e}'}) + '\n'
 
 # %% ../nbs/91_serve.ipynb #6c382f9a
+def _dropped(n: int) -> tuple[dict, dict | None]:
+    "The body field and the header that tell a client how many old messages were left out."
+    return ({'dropped_messages': n}, {'X-Dropped-Messages': str(n)}) if n else ({}, None)
+
 async def _ollama(served: ServedModel, request: Request, chat_route: bool):
     "Answer Ollama's /api/chat (chat_route) or /api/generate."
     try:
-        data = await _json_body(request)
+        data = await _json_body(request, served.max_body_bytes)
         _check_model(served, data)
         stream = _flag(data, 'stream', True)
         sampling = parse_sampling(data.get('options') or {}, served.defaults, served.max_tokens_limit,
                                   served.worker.vocab_size)
-        ids = await _ollama_prompt(served, data, chat_route)
+        ids, dropped = await _ollama_prompt(served, data, chat_route)
     except RequestError as e:
         return _ollama_error(e)
-    name = served.model_name
+    name, (extra, headers) = served.model_name, _dropped(dropped)
     if not ids:                # Ollama's answer to an empty request: the model is loaded
         return JSONResponse({**_ollama_chunk(name, chat_route, '', True), 'done_reason': 'load'})
     events = served.worker.stream(ids, sampling)
     if not stream:
         try:
-            items = [item async for item in events]
+            items = await _collect(request, events)
         except Exception as e:
             return JSONResponse({'error': f'generation failed: {e}'}, status_code=500)
-        return JSONResponse(_ollama_final(name, chat_route, items[-1], ''.join(items[:-1])))
-    return StreamingResponse(_ollama_lines(name, chat_route, events), media_type='application/x-ndjson')
+        if items is None:      # the client has gone
+            return Response(status_code=499)
+        final = _ollama_final(name, chat_route, items[-1], ''.join(items[:-1]))
+        return JSONResponse({**final, **extra}, headers=headers)
+    lines = _ollama_lines(name, chat_route, events, extra)
+    return StreamingResponse(lines, media_type='application/x-ndjson', headers=headers)
 
 async def _ollama_chat(served: ServedModel, request: Request):
     return await _ollama(served, request, chat_route=True)
@@ -578,15 +690,16 @@ def _delta(delta: dict, finish_reason: str | None = None) -> list:
     "The choices of a chunk: one, with what is new in the message."
     return [{'index': 0, 'delta': delta, 'logprobs': None, 'finish_reason': finish_reason}]
 
-async def _openai_events(head: dict, events, include_usage: bool) -> AsyncIterator[str]:
-    "The worker's output as OpenAI's stream: the role, a delta per piece, the finish reason, [DONE]."
+async def _openai_events(head: dict, events, include_usage: bool,
+                         extra: dict | None = None) -> AsyncIterator[str]:
+    "OpenAI's stream: the role, a delta per piece, the finish reason (with extra), [DONE]."
     yield _sse(head, _delta({'role': 'assistant', 'content': ''}))
     try:
         async for item in events:
             if isinstance(item, str):
                 yield _sse(head, _delta({'content': item}))
             else:
-                yield _sse(head, _delta({}, _finish_reason(item)))
+                yield _sse(head, _delta({}, _finish_reason(item)), **(extra or {}))
                 if include_usage:
                     yield _sse(head, [], usage=_usage(item))
     except Exception as e:
@@ -598,7 +711,7 @@ async def _openai_events(head: dict, events, include_usage: bool) -> AsyncIterat
 async def _openai_chat(served: ServedModel, request: Request):
     "Answer OpenAI's /v1/chat/completions."
     try:
-        data = await _json_body(request)
+        data = await _json_body(request, served.max_body_bytes)
         _check_model(served, data)
         stream = _flag(data, 'stream', False)
         if data.get('n') not in (None, 1):
@@ -611,21 +724,24 @@ async def _openai_chat(served: ServedModel, request: Request):
         messages = check_messages(data.get('messages'))
         if not messages:
             raise RequestError(400, 'messages must not be empty')
-        ids = await _prompt_ids(served, served.chat.encode_chat, messages)
+        ids, dropped = await _chat_ids(served, messages)
         stream_options = data.get('stream_options') or {}
         include_usage = isinstance(stream_options, dict) and _flag(stream_options, 'include_usage', False)
     except RequestError as e:
         return _openai_error(e)
     head = {'id': f'chatcmpl-{uuid.uuid4().hex}', 'created': int(time.time()), 'model': served.model_name}
-    events = served.worker.stream(ids, sampling)
+    (extra, headers), events = _dropped(dropped), served.worker.stream(ids, sampling)
     if not stream:
         try:
-            items = [item async for item in events]
+            items = await _collect(request, events)
         except Exception as e:
             return _openai_error(RequestError(500, f'generation failed: {e}'))
-        return JSONResponse(_openai_completion(head, items))
-    return StreamingResponse(_openai_events(head, events, include_usage), media_type='text/event-stream',
-                             headers={'Cache-Control': 'no-cache'})
+        if items is None:      # the client has gone
+            return Response(status_code=499)
+        return JSONResponse({**_openai_completion(head, items), **extra}, headers=headers)
+    sse = _openai_events(head, events, include_usage, extra)
+    return StreamingResponse(sse, media_type='text/event-stream',
+                             headers={'Cache-Control': 'no-cache', **(headers or {})})
 
 async def _openai_models(served: ServedModel, request: Request):
     return JSONResponse({'object': 'list', 'data': [{'id': served.model_name, 'object': 'model',
@@ -646,6 +762,7 @@ _CHAT_HTML = """<!doctype html>
   .user { align-self: flex-end; background: #dbeafe; }
   .assistant { align-self: flex-start; background: #f3f4f6; min-height: 1.2em; }
   .error { background: #fee2e2; }
+  .note { align-self: center; font-size: .85rem; color: #666; font-style: italic; }
   form { display: flex; gap: .5rem; }
   #prompt { flex: 1; font: inherit; padding: .5rem; }
   .settings { font-size: .85rem; color: #555; margin-top: .5rem; }
@@ -668,7 +785,7 @@ _CHAT_HTML = """<!doctype html>
 """
 
 # %% ../nbs/91_serve.ipynb #a69be7ff
-_CHAT_SEND = """const MODEL = __MODEL__;
+_CHAT_STREAM = """const MODEL = __MODEL__;
 const history = [];
 const $ = (id) => document.getElementById(id);
 
@@ -681,7 +798,34 @@ function addMessage(role, text) {
   return div;
 }
 
-async function send(text) {
+function addNote(before, text) {
+  const div = document.createElement("div");
+  div.className = "note";
+  div.textContent = text;
+  $("messages").insertBefore(div, before);
+}
+
+async function readLines(response, onChunk) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true});
+    let newline;
+    while ((newline = buffer.indexOf("\\n")) >= 0) {
+      const line = buffer.slice(0, newline).trim();
+      buffer = buffer.slice(newline + 1);
+      if (line) onChunk(JSON.parse(line));
+    }
+  }
+}
+
+"""
+
+# %% ../nbs/91_serve.ipynb #a69be7f0
+_CHAT_SEND = """async function send(text) {
   history.push({role: "user", content: text});
   addMessage("user", text);
   const reply = addMessage("assistant", "");
@@ -696,24 +840,18 @@ async function send(text) {
       const body = await response.json().catch(() => ({error: response.statusText}));
       throw new Error(body.error);
     }
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const {value, done} = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, {stream: true});
-      let newline;
-      while ((newline = buffer.indexOf("\\n")) >= 0) {
-        const line = buffer.slice(0, newline).trim();
-        buffer = buffer.slice(newline + 1);
-        if (!line) continue;
-        const chunk = JSON.parse(line);
-        if (chunk.error) throw new Error(chunk.error);
-        if (chunk.message) { content += chunk.message.content; reply.textContent = content; }
-        if (chunk.done) reply.dataset.done = chunk.done_reason;
-      }
+    const dropped = Number(response.headers.get("X-Dropped-Messages") || 0);
+    if (dropped > 0) {
+      // the server left the oldest messages out of the prompt: forget them here too
+      history.splice(0, dropped);
+      addNote(reply, `${dropped} earlier message${dropped > 1 ? "s" : ""} no longer fit the model's context; ` +
+                     "this reply saw only the newer ones.");
     }
+    await readLines(response, (chunk) => {
+      if (chunk.error) throw new Error(chunk.error);
+      if (chunk.message) { content += chunk.message.content; reply.textContent = content; }
+      if (chunk.done) reply.dataset.done = chunk.done_reason;
+    });
     history.push({role: "assistant", content});
   } catch (err) {
     history.pop();
@@ -744,7 +882,7 @@ $("reset").addEventListener("click", () => { history.length = 0; $("messages").r
 </html>
 """
 
-CHAT_PAGE = _CHAT_HTML + _CHAT_SEND + _CHAT_EVENTS
+CHAT_PAGE = _CHAT_HTML + _CHAT_STREAM + _CHAT_SEND + _CHAT_EVENTS
 
 # %% ../nbs/91_serve.ipynb #0022800f
 async def _chat_page(served: ServedModel, request: Request):
@@ -784,6 +922,7 @@ def create_app(
     temperature: float = 0.0,           # temperature when a request sets none (0: greedy)
     # generation ends at these ids (None: the tokenizer's end of text and turn)
     stop_ids: Iterable[int] | None = None,
+    max_body_bytes: int = 2**20,        # the longest request body read (longer: 413)
 ) -> Starlette:  # an ASGI application: run it with uvicorn (see serve, BackgroundServer)
     "An HTTP app serving `model`: Ollama's chat, generate and tags routes, OpenAI's chat completions, a chat page."
     if not isinstance(max_tokens, int) or not 0 <= max_tokens <= max_tokens_limit:
@@ -791,10 +930,13 @@ def create_app(
                          f'not {max_tokens!r}')
     if temperature < 0:
         raise ValueError(f'temperature must be >= 0, not {temperature!r}')
+    if type(max_body_bytes) is not int or max_body_bytes < 1:
+        raise ValueError(f'max_body_bytes must be a positive whole number of bytes, '
+                         f'not {max_body_bytes!r}')
     chat = ChatTokenizer(tokenizer, stop_ids)
     served = ServedModel(model, model_name, chat, ModelWorker(model, chat),
                          Sampling(max_new_tokens=max_tokens, temperature=temperature), max_tokens_limit,
-                         int(time.time()))
+                         int(time.time()), max_body_bytes)
     app = Starlette(routes=[
         Route('/', _endpoint(_chat_page, served)),
         Route('/api/chat', _endpoint(_ollama_chat, served), methods=['POST']),
@@ -806,6 +948,36 @@ def create_app(
     ], lifespan=_lifespan(served.worker))
     app.state.worker, app.state.model_name, app.state.served = served.worker, model_name, served
     return app
+
+# %% ../nbs/91_serve.ipynb #de5e7a11
+class _Server(uvicorn.Server):
+    "uvicorn's server, whose shutdown also stops the app's generation within a token."
+    def __init__(self, app, log_level: str):
+        super().__init__(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        self.worker = getattr(getattr(app, 'state', None), 'worker', None)
+
+    def stop_generating(self) -> None:
+        "End the running reply after its current token; requests still arriving are refused."
+        if self.worker is not None:
+            self.worker._closing.set()
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self.stop_generating()
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        "Handle Ctrl+C and SIGTERM while serving (main thread only); never raise them again after."
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 # %% ../nbs/91_serve.ipynb #19956ea3
 def _bind(host: str, port: int) -> socket.socket:
@@ -832,7 +1004,7 @@ class BackgroundServer:
     ):
         sock = _bind(host, port)
         self.host, self.port = host, sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self.server = _Server(app, log_level)
         self.thread = threading.Thread(target=self.server.run, kwargs={'sockets': [sock]}, daemon=True, name='uvicorn')
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -850,7 +1022,8 @@ class BackgroundServer:
         return f'http://{host}:{self.port}'
 
     def stop(self, timeout: float = 30.0) -> None:
-        "Ask uvicorn to exit and wait for its thread to end."
+        "Stop the running generation, ask uvicorn to exit and wait for its thread to end."
+        self.server.stop_generating()
         self.server.should_exit = True
         self.thread.join(timeout)
         if self.thread.is_alive():
@@ -900,9 +1073,10 @@ def serve(
     device: str | None = None,  # cpu, cuda, mps (default: the best available)
     dtype: str | None = None,   # float32, bfloat16 or float16 (default: the weights')
     log_level: str = 'info',
-    **app_options,              # create_app's max_tokens, max_tokens_limit, temperature, stop_ids
+    # create_app's max_tokens, max_tokens_limit, temperature, stop_ids, max_body_bytes
+    **app_options,
 ) -> None:
-    "Serve a model over HTTP in the foreground until interrupted (Ctrl+C)."
+    "Serve a model over HTTP in the foreground until interrupted (Ctrl+C or SIGTERM)."
     sock = _bind(host, port)      # first: a busy port is reported before a long model load
     try:
         if isinstance(model, nn.Module):
@@ -919,11 +1093,7 @@ def serve(
     shown = f'[{host}]' if ':' in host else host
     print(f'serving {name} at http://{shown}:{sock.getsockname()[1]}/ (chat page), /api/chat (Ollama), /v1 (OpenAI); '
           'Ctrl+C stops', flush=True)
-    try:
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
-    # uvicorn shuts down cleanly on Ctrl+C, then raises it again for its caller
-    except KeyboardInterrupt:
-        pass
+    _Server(app, log_level).run(sockets=[sock])
     print(f'stopped serving {name}', flush=True)
 
 # %% ../nbs/91_serve.ipynb #9b5d17fc
@@ -937,9 +1107,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f'no checkpoint or run folder at {checkpoint}')
     if not 0 <= args.port <= 65535:
         raise CLIError(f'--port must be between 0 and 65535, not {args.port}')
+    if getattr(args, 'max_body_bytes', 1) < 1:
+        raise CLIError(f'--max-body-bytes must be at least 1, not {args.max_body_bytes}')
     serve(checkpoint if checkpoint is not None else name, model_name=args.name, host=args.host, port=args.port,
           weights=getattr(args, 'weights', None), device=getattr(args, 'device', None), dtype=getattr(args, 'dtype', None),
-          max_tokens=args.max_tokens,
+          max_tokens=args.max_tokens, max_body_bytes=getattr(args, 'max_body_bytes', 2**20),
           log_level=getattr(args, 'log_level', 'info'))
     return 0
 
@@ -956,6 +1128,8 @@ def add_cli_parser(sub) -> None:
     p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1; 0.0.0.0: every interface)')
     p.add_argument('--port', type=int, default=11434, help='port (default 11434, Ollama\'s)')
     p.add_argument('--max-tokens', type=int, default=256, help='tokens per reply when a request sets none (default 256)')
+    p.add_argument('--max-body-bytes', type=int, default=2**20,
+                   help='the longest request body accepted, in bytes (default 1048576, 1 MiB; longer: 413)')
     p.add_argument('--device', help='cpu, cuda, cuda:N or mps (default: the best available)')
     p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], help="the weights' precision (default: the checkpoint's)")
     p.add_argument('--log-level', default='info', choices=['critical', 'error', 'warning', 'info', 'debug'],
