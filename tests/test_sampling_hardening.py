@@ -13,7 +13,7 @@ from llm_from_scratch.kv_cache import _next_token, generate, generate_stream
 
 VOCAB = 53
 TINY_T = [1e-45, 5e-324, 1e-300, 1e-38]            # positive, but logits / T overflows or T rounds to 0
-HUGE_T = [1e308, sys.float_info.max, 1e39, 7e4]    # finite, but T rounds to inf in float32 or float16
+HUGE_T = [1e308, sys.float_info.max, 1e39, 7e4]    # finite; all but 7e4 round to inf in float32
 ORDINARY_T = [0.1, 0.5, 0.7, 1.0, 1.4, 2.0, 5.0, 10.0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
