@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -13,7 +15,7 @@ from fastcore.basics import patch
 from torch import nn
 
 # %% auto #0
-__all__ = ['KVCache', 'LayerCache', 'generate', 'generate_stream', 'relayout_weights']
+__all__ = ['KVCache', 'LayerCache', 'check_sampling', 'generate', 'generate_stream', 'relayout_weights']
 
 # %% ../nbs/04b_kv_cache.ipynb #3e7c6954
 def _check_left_padding(
@@ -193,6 +195,23 @@ def __repr__(self: KVCache):
     return (f'KVCache(n_layers={len(self.layers)}, batch_size={self.batch_size}, n_kv_heads={k.shape[1]}, '
             f'head_dim={k.shape[3]}, max_len={self.max_len}, offset={self.offset}, dtype={k.dtype})')
 
+# %% ../nbs/04b_kv_cache.ipynb #8d7dc2e4
+def check_sampling(
+    temperature: float,             # 0 for greedy decoding, or any finite number above 0
+    top_k: int | None = None,       # None, or how many of the largest logits to keep (at least 1)
+    vocab_size: int | None = None,  # if given, the largest top_k allowed
+) -> None:
+    "Raise a one-line `ValueError` unless `temperature` and `top_k` are settings sampling can use."
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f'temperature must be a finite number >= 0 (0 means greedy), not {temperature!r}')
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ValueError(f'top_k must be None or an integer >= 1, not {top_k!r}')
+    if vocab_size is not None and top_k > vocab_size:
+        raise ValueError(f'top_k must be between 1 and the vocabulary size {vocab_size}, not {top_k!r}')
+
 # %% ../nbs/04b_kv_cache.ipynb #663744fd
 def _takes_cache(model: nn.Module) -> bool:
     "Whether `model.forward` has a `cache` argument."
@@ -207,11 +226,8 @@ def _check_generation(model, idx, max_new_tokens, context_size, temperature, top
         raise ValueError(f'idx must be a (b, T) tensor of token ids with T >= 1, not {getattr(idx, "shape", type(idx))}')
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f'max_new_tokens must be a non-negative integer, not {max_new_tokens!r}')
-    if temperature < 0:
-        raise ValueError(f'temperature must be >= 0 (0 means greedy), not {temperature!r}')
     cfg = _model_config(model)
-    if top_k is not None and (top_k < 1 or top_k > cfg.get('vocab_size', top_k)):
-        raise ValueError(f'top_k must be between 1 and the vocabulary size {cfg.get("vocab_size", "")}, not {top_k!r}')
+    check_sampling(temperature, top_k, cfg.get('vocab_size'))
     ctx = cfg.get('context_length')
     window = ctx if context_size is None else context_size
     if window is None:
@@ -241,9 +257,25 @@ def _next_token(
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]     # (b, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, -torch.inf)
     if temperature > 0.0:
-        probs = torch.softmax(logits / temperature, dim=-1)        # (b, vocab_size)
+        probs = _sampling_probs(logits, temperature)               # (b, vocab_size)
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
     return logits.argmax(dim=-1)
+
+# %% ../nbs/04b_kv_cache.ipynb #7804f862
+def _sampling_probs(
+    logits: torch.Tensor,   # (b, vocab_size), -inf where top-k removed a token
+    temperature: float,     # finite and above 0, as check_sampling requires
+) -> torch.Tensor:          # softmax(logits / temperature), finite, in the logits' dtype
+    "The book's `softmax(logits / temperature)`, with its limits where that formula overflows."
+    probs = torch.softmax(logits / temperature, dim=-1)             # the book's formula
+    z = logits.float()
+    z_max = z.amax(dim=-1, keepdim=True)                            # (b, 1)
+    # z - z_max <= 0 cannot overflow; the maxima get exactly 0, any other nan is -inf / inf (masked)
+    scaled = (z - z_max) / temperature
+    scaled = scaled.masked_fill(scaled.isnan(), -torch.inf).masked_fill(z == z_max, 0.0)
+    safe = torch.softmax(scaled, dim=-1)                            # (b, vocab_size), float32
+    finite = probs.isfinite().all(dim=-1, keepdim=True)             # (b, 1)
+    return torch.where(finite, probs, safe.to(probs.dtype))
 
 # %% ../nbs/04b_kv_cache.ipynb #3bf6a487
 def _decode(model, out, T0, max_new_tokens, window, cached, temperature, top_k, eos_id, attention_mask, generator):

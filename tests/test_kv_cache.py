@@ -373,6 +373,9 @@ def test_model_without_cache_argument_falls_back():
 @pytest.mark.parametrize('kwargs, match', [
     ({'max_new_tokens': -1}, 'max_new_tokens'),
     ({'temperature': -0.1}, 'temperature'),
+    ({'temperature': float('nan')}, 'temperature'),
+    ({'temperature': float('inf')}, 'temperature'),
+    ({'top_k': 2.5}, 'top_k'),
     ({'top_k': 0}, 'top_k'),
     ({'top_k': VOCAB + 1}, 'top_k'),
     ({'context_size': 0}, 'context_size'),

@@ -400,6 +400,7 @@ def test_generate_stops_at_eos():
 
 
 @pytest.mark.parametrize('kwargs, message', [({'temperature': -0.5}, 'temperature'), ({'top_k': 0}, 'top_k'),
+                                             ({'temperature': math.nan}, 'finite'), ({'top_k': 1.5}, 'integer'),
                                              ({'top_k': VOCAB + 1}, 'top_k'), ({'max_new_tokens': -1}, 'max_new_tokens')])
 def test_generate_bad_arguments(kwargs, message):
     model = tiny_model().eval()
