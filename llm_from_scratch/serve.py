@@ -36,7 +36,7 @@ from starlette.routing import Route
 from torch import nn
 
 from .gemma3 import PRETRAINED_GEMMA3, GemmaTokenizer, load_gemma3_tokenizer
-from .kv_cache import generate_stream
+from .kv_cache import check_sampling, generate_stream
 from .llama import PRETRAINED_LLAMA, ChatFormat, Llama3Tokenizer, load_llama3_tokenizer
 from .qwen3 import PRETRAINED_QWEN3, Qwen3Tokenizer, load_qwen3_tokenizer
 
@@ -378,6 +378,10 @@ def parse_sampling(
         s.top_k = None if k == 0 or (vocab_size is not None and k >= vocab_size) else k
     if values.get('seed') is not None:
         s.seed = _integer(values['seed'], 'seed')
+    try:  # the one check every entry point shares (kv_cache's check_sampling)
+        check_sampling(s.temperature, s.top_k)
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
     # top_p is accepted and ignored: chapter 5's sampling has no nucleus filter
     if values.get('top_p') is not None:
         _number(values['top_p'], 'top_p')
@@ -928,8 +932,7 @@ def create_app(
     if not isinstance(max_tokens, int) or not 0 <= max_tokens <= max_tokens_limit:
         raise ValueError(f'max_tokens must be between 0 and max_tokens_limit={max_tokens_limit}, '
                          f'not {max_tokens!r}')
-    if temperature < 0:
-        raise ValueError(f'temperature must be >= 0, not {temperature!r}')
+    check_sampling(temperature)
     if type(max_body_bytes) is not int or max_body_bytes < 1:
         raise ValueError(f'max_body_bytes must be a positive whole number of bytes, '
                          f'not {max_body_bytes!r}')

@@ -481,3 +481,41 @@ def test_signal_stops_the_server_promptly_without_a_traceback(sig, stream):
     last = lines[-1]
     assert last.get('done') is True, lines[-3:]
     assert last['done_reason'] == 'cancel' and last['eval_count'] < seen + 100, last
+
+
+# ---- sampling settings: one check for every entry point, sampling safe for every accepted value ----
+def with_sampling(route, temperature, top_k=None, stream=False):
+    body = request_body(route, 3, stream)
+    opts = {'temperature': temperature, **({'top_k': top_k} if top_k is not None else {})}
+    if route == '/v1/chat/completions':
+        return {**body, **opts}
+    return {**body, 'options': {**body['options'], **opts}}
+
+
+@pytest.mark.parametrize('route', ROUTES)
+@pytest.mark.parametrize('temperature,top_k', [(1e-45, None), (5e-324, 5), (1e308, 5), (1e308, None)])
+def test_extreme_temperatures_generate(server, route, temperature, top_k):
+    "Temperatures the check accepts sample safely (they used to answer 500: nan probabilities)."
+    status, _, body = post_json(server.url + route, with_sampling(route, temperature, top_k))
+    assert status == 200, body
+
+
+@pytest.mark.parametrize('route', ROUTES)
+def test_extreme_temperature_streams_without_an_error_line(server, route):
+    "Streaming with an extreme temperature answers 200 and no error part (it used to send an error line after 200)."
+    data = json.dumps(with_sampling(route, 1e308, 5, stream=True)).encode()
+    request = urllib.request.Request(server.url + route, data=data, method='POST',
+                                     headers={'Content-Type': 'application/json'})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    assert '"error"' not in text, text
+
+
+@pytest.mark.parametrize('route', ROUTES)
+@pytest.mark.parametrize('temperature', ['nan', -1, True, '0.5'])
+def test_bad_temperatures_are_400(server, route, temperature):
+    value = float('nan') if temperature == 'nan' else temperature
+    raw = json.dumps(with_sampling(route, 0.0)).replace('"temperature": 0.0', '"temperature": ' + json.dumps(value))
+    status, _, body = post_json(server.url + route, raw=raw.replace('NaN', 'NaN').encode())
+    assert status == 400 and 'temperature' in json.dumps(body), (status, body)
