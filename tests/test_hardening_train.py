@@ -122,7 +122,7 @@ def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
     assert sorted(p.name for p in (tmp_path/'run').iterdir()) == ['latest', 'step-00000002']
 
 
-@pytest.mark.filterwarnings('ignore:Seems like `optimizer.step()`')
+@pytest.mark.filterwarnings('ignore:Seems like:UserWarning')
 def test_trainer_stops_when_the_weights_turn_non_finite(tmp_path):
     t = Trainer(tiny_model(), windows(), None, cfg(max_steps=8, ckpt_interval=2), run_dir=tmp_path/'run')
     real_step, calls = t.optimizer.step, []
