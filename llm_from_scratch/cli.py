@@ -13,46 +13,25 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import tiktoken
-import torch
+if TYPE_CHECKING:  # names for the annotations only: importing them here would load PyTorch
+    import torch
 
-from .core import data_home, get_device, print_environment_report
-from .gemma3 import PRETRAINED_GEMMA3, load_gemma3_tokenizer, load_pretrained_gemma3
-from .gpt import GPTModel
-from .kv_cache import generate_stream, relayout_weights
-from .llama import PRETRAINED_LLAMA, ChatFormat, load_llama3_tokenizer, load_pretrained_llama
-from .qwen3 import PRETRAINED_QWEN3, load_pretrained_qwen3, load_qwen3_tokenizer
-from llm_from_scratch.trainer import (
-    MODEL_CONFIGS,
-    PRECISIONS,
-    SCHEDULES,
-    NonFiniteLossError,
-    TokenWindows,
-    Trainer,
-    TrainConfig,
-    checkpoint_config,
-    cleanup_distributed,
-    find_checkpoint,
-    model_from_checkpoint,
-    read_token_file,
-    setup_distributed,
-    token_file_meta,
-    tokenize_to_file,
-    use_fused_kernels,
-)
-from .weights import PRETRAINED_GPT2, load_pretrained_gpt2
+    from llm_from_scratch.trainer import TokenWindows, TrainConfig
+
 
 # %% auto #0
-__all__ = ['PRETRAIN_DATA', 'MODEL_LOADERS', 'DTYPES', 'CLI_MODULES', 'cmd_doctor', 'CLIError', 'token_file_for',
-           'add_pretrain_parser', 'cmd_pretrain', 'TextCodec', 'tiktoken_codec', 'TextStream', 'add_model_options',
-           'load_model_for_cli', 'cmd_generate', 'add_generate_parser', 'build_parser', 'main']
+__all__ = ['PRETRAIN_DATA', 'CLI_MODULES', 'COMMANDS', 'cmd_doctor', 'CLIError', 'token_file_for', 'add_pretrain_parser',
+           'cmd_pretrain', 'TextCodec', 'tiktoken_codec', 'TextStream', 'add_model_options', 'load_model_for_cli',
+           'cmd_generate', 'add_generate_parser', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #78d33fc4
 def cmd_doctor(args: argparse.Namespace) -> int:
     "Print the environment report; status 1 when a requirement is missing."
+    from llm_from_scratch.core import print_environment_report
     return 0 if print_environment_report() else 1
+
 
 # %% ../nbs/90_cli.ipynb #34b8d268
 class CLIError(Exception):
@@ -66,6 +45,8 @@ def token_file_for(
     quiet: bool = False, # hide the tokenizer's progress bar
 ) -> Path:
     "A token file for `data`: token files are used as they are, text is tokenized once into the cache."
+    from llm_from_scratch.core import data_home
+    from llm_from_scratch.trainer import token_file_meta, tokenize_to_file
     path = Path(data)
     if path.is_file():
         with contextlib.suppress(ValueError):
@@ -88,6 +69,7 @@ _PRETRAIN_DEFAULTS = {'config': 'gpt-verdict', 'data': 'the-verdict', 'steps': 1
 
 def add_pretrain_parser(sub) -> None:
     "The `pretrain` subcommand's options."
+    from llm_from_scratch.trainer import MODEL_CONFIGS, PRECISIONS, SCHEDULES
     p = sub.add_parser('pretrain', help='pretrain a GPT on a text corpus and save checkpoints',
                        description='Pretrain a GPT (chapter 5) with the trainer of the training-at-scale page.')
     d = _PRETRAIN_DEFAULTS
@@ -128,6 +110,7 @@ _TRAIN_OPTIONS = {'steps': 'max_steps', 'batch_size': 'batch_size', 'grad_accum'
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     "Pretrain a GPT on a corpus; print where the checkpoint is."
+    from llm_from_scratch.trainer import NonFiniteLossError, cleanup_distributed, setup_distributed
     rank, world_size, _ = setup_distributed()
     try:
         return _pretrain(args, rank, world_size)
@@ -139,6 +122,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 # %% ../nbs/90_cli.ipynb #b6a1adfd
 def _pretrain_run(args: argparse.Namespace) -> tuple[Path, dict, Path | None, dict]:
     "The run folder, the resumed checkpoint's settings and folder (or {} and None), and the model config."
+    from llm_from_scratch.core import data_home
+    from llm_from_scratch.trainer import MODEL_CONFIGS, checkpoint_config, find_checkpoint
     d = _PRETRAIN_DEFAULTS
     if args.config is not None and args.config not in MODEL_CONFIGS:
         raise CLIError(f'unknown config {args.config!r}; known configs: {", ".join(MODEL_CONFIGS)}')
@@ -163,13 +148,35 @@ def _pretrain_run(args: argparse.Namespace) -> tuple[Path, dict, Path | None, di
     if args.config is not None and {**MODEL_CONFIGS[args.config], 'attn_impl': 'sdpa'} != model_cfg:
         raise CLIError(f'--config {args.config} differs from the model of the checkpoint in {run_dir}: '
                        'leave --config out to resume')
+    _check_kept_settings(args, saved, model_cfg, run_dir)
     return run_dir, saved, ckpt, model_cfg
+
+# %% ../nbs/90_cli.ipynb #b5b6a10f
+# option -> where a checkpoint's config.json keeps it; a resumed run keeps these
+_KEPT_ON_RESUME = {'data': ('meta', 'data'), 'val_fraction': ('meta', 'val_fraction'),
+                   'batch_size': ('train', 'batch_size'), 'grad_accum': ('train', 'grad_accum'),
+                   'seed': ('train', 'seed'), 'context_length': ('model', 'context_length')}
+
+def _check_kept_settings(args: argparse.Namespace, saved: dict, model_cfg: dict, run_dir: Path) -> None:
+    "Refuse a resume whose command line changes a setting that fixes the data order or the model."
+    saved = {**saved, 'model': model_cfg}
+    for opt, (part, key) in _KEPT_ON_RESUME.items():
+        given, kept = getattr(args, opt), (saved.get(part) or {}).get(key)
+        if given is not None and kept is not None and given != kept:
+            flag = '--' + opt.replace('_', '-')
+            kept_flags = ', '.join('--' + o.replace('_', '-') for o in _KEPT_ON_RESUME)
+            raise CLIError(f'{flag} {given} differs from the run in {run_dir} ({kept}): a resumed run keeps '
+                           f'{kept_flags}; leave {flag} out, or start a new run with --out')
+
 
 # %% ../nbs/90_cli.ipynb #b5f75560
 def _pretrain_data(
     args: argparse.Namespace, saved: dict, T: int, rank: int, world_size: int,
 ) -> tuple[str, float, Path, TokenWindows, TokenWindows | None]:
     "The corpus, its validation share and token file, and the training and validation windows of T tokens."
+    import torch
+
+    from llm_from_scratch.trainer import TokenWindows, read_token_file
     data = args.data or saved.get('meta', {}).get('data') or _PRETRAIN_DEFAULTS['data']
     given = (args.val_fraction, saved.get('meta', {}).get('val_fraction'), 0.1)
     val_fraction = next(v for v in given if v is not None)
@@ -189,6 +196,7 @@ def _pretrain_data(
 # %% ../nbs/90_cli.ipynb #e7c66c1e
 def _pretrain_settings(args: argparse.Namespace, saved: dict, n_windows: int, world_size: int) -> TrainConfig:
     "The trainer's settings: the defaults, then the resumed run's, then the command line's."
+    from llm_from_scratch.trainer import TrainConfig
     d = _PRETRAIN_DEFAULTS
     shown = ('batch_size', 'lr', 'warmup_steps', 'eval_interval', 'sample_interval', 'ckpt_interval')
     settings = {**{k: d[k] for k in shown}, 'max_steps': d['steps'], **saved.get('train', {})}
@@ -201,26 +209,55 @@ def _pretrain_settings(args: argparse.Namespace, saved: dict, n_windows: int, wo
     settings['progress'] = not args.quiet
     return TrainConfig.from_dict(settings)
 
+# %% ../nbs/90_cli.ipynb #e01cbce3
+_POSITIVE = ('steps', 'batch_size', 'grad_accum')
+_NON_NEGATIVE = ('eval_interval', 'sample_interval', 'ckpt_interval', 'warmup_steps')
+
+def _check_pretrain_args(args: argparse.Namespace) -> None:
+    "One-line errors for run lengths that are not positive and intervals that are negative."
+    flag = lambda opt: '--' + opt.replace('_', '-')
+    for opt in _POSITIVE:
+        if (v := getattr(args, opt)) is not None and v < 1:
+            raise CLIError(f'{flag(opt)} must be a positive number, not {v}')
+    for opt in _NON_NEGATIVE:
+        if (v := getattr(args, opt)) is not None and v < 0:
+            raise CLIError(f'{flag(opt)} must be 0 or a positive number of steps, not {v}')
+    if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise CLIError(f'--epochs must be a positive number of passes over the data, not {args.epochs}')
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
+        raise CLIError(f'--val-fraction must be in [0, 1), not {args.val_fraction}')
+
+
 # %% ../nbs/90_cli.ipynb #9bbc20d1
 def _pretrain(args: argparse.Namespace, rank: int, world_size: int) -> int:
+    import tiktoken
+    import torch
+
+    from llm_from_scratch.gpt import GPTModel
+    from llm_from_scratch.trainer import Trainer, run_lock, use_fused_kernels
+    _check_pretrain_args(args)
     run_dir, saved, ckpt, model_cfg = _pretrain_run(args)
-    T = model_cfg['context_length']
-    data, val_fraction, path, train_ds, val_ds = _pretrain_data(args, saved, T, rank, world_size)
-    cfg = _pretrain_settings(args, saved, len(train_ds), world_size)
-    torch.manual_seed(cfg.seed)
-    # PyTorch's fused LayerNorm and GELU: the same math, faster
-    model = use_fused_kernels(GPTModel(model_cfg))
-    if rank == 0:
-        n = sum(p.numel() for p in model.parameters())
-        print(f'{n / 1e6:.1f}M parameters; {len(train_ds):,} training windows of {T} tokens from {path.name}'
-              f'{f", {len(val_ds):,} for validation" if val_ds else ""}; {cfg.max_steps} steps; run folder {run_dir}')
-    trainer = Trainer(model, train_ds, val_ds, cfg, run_dir=run_dir, tokenizer=tiktoken.get_encoding('gpt2'),
-                      meta={'data': data, 'val_fraction': val_fraction})
-    trainer.fit(resume=ckpt)
+    # rank 0 takes the run folder before tokenizing anything; the trainer holds it again
+    with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
+        T = model_cfg['context_length']
+        data, val_fraction, path, train_ds, val_ds = _pretrain_data(args, saved, T, rank, world_size)
+        cfg = _pretrain_settings(args, saved, len(train_ds), world_size)
+        torch.manual_seed(cfg.seed)
+        # PyTorch's fused LayerNorm and GELU: the same math, faster
+        model = use_fused_kernels(GPTModel(model_cfg))
+        if rank == 0:
+            n = sum(p.numel() for p in model.parameters())
+            print(f'{n / 1e6:.1f}M parameters; {len(train_ds):,} training windows of {T} tokens from {path.name}'
+                  f'{f", {len(val_ds):,} for validation" if val_ds else ""}; {cfg.max_steps} steps; '
+                  f'run folder {run_dir}')
+        trainer = Trainer(model, train_ds, val_ds, cfg, run_dir=run_dir, tokenizer=tiktoken.get_encoding('gpt2'),
+                          meta={'data': data, 'val_fraction': val_fraction})
+        trainer.fit(resume=ckpt)
     if rank == 0:
         print(f'saved {trainer.last_checkpoint}')
         print(f'try: llm-from-scratch generate {run_dir} "{cfg.sample_prompt}"')
     return 0
+
 
 # %% ../nbs/90_cli.ipynb #0e3b56fd
 class TextCodec(NamedTuple):
@@ -238,6 +275,7 @@ def tiktoken_codec(
     name: str = 'gpt2',  # a tiktoken encoding
 ) -> TextCodec:
     "The codec of a tiktoken encoding; GPT-2 has no chat template."
+    import tiktoken
     tok = tiktoken.get_encoding(name)
     return TextCodec(tok.encode, tok.decode, tok.eot_token)
 
@@ -266,6 +304,7 @@ class TextStream:
 def _gpt2_loader(name: str):
     "A loader of one GPT-2 size: downloaded by name, or any file `load_pretrained_gpt2` reads."
     def load(weights: Path | None, device, dtype):
+        from llm_from_scratch.weights import load_pretrained_gpt2
         model, _ = load_pretrained_gpt2(name if weights is None else weights, device, dtype)
         return model, tiktoken_codec()
     return load
@@ -291,6 +330,7 @@ def _user_turn(text: str) -> list[dict]:
 def _qwen3_loader(name: str):
     "A loader of a Qwen3 model: its registered Hugging Face files, or a local folder."
     def load(weights: Path | None, device, dtype):
+        from llm_from_scratch.qwen3 import load_pretrained_qwen3, load_qwen3_tokenizer
         src = name if weights is None else _hf_folder(weights, name, ('tokenizer.json',))
         # first: a failed download says how to get the whole model
         model, _ = load_pretrained_qwen3(src, device, dtype)
@@ -303,6 +343,7 @@ def _qwen3_loader(name: str):
 def _llama3_loader(name: str):
     "A loader of a Llama 3 model: its registered (gated) Hugging Face files, or a local folder."
     def load(weights: Path | None, device, dtype):
+        from llm_from_scratch.llama import ChatFormat, load_llama3_tokenizer, load_pretrained_llama
         src = name if weights is None else _hf_folder(weights, name, ('tokenizer.model', 'original/tokenizer.model'))
         model, _ = load_pretrained_llama(src, device, dtype)
         tok = load_llama3_tokenizer(src)
@@ -314,6 +355,7 @@ def _llama3_loader(name: str):
 def _gemma3_loader(name: str):
     "A loader of a Gemma 3 model: its registered (gated) Hugging Face files, or a local folder."
     def load(weights: Path | None, device, dtype):
+        from llm_from_scratch.gemma3 import load_gemma3_tokenizer, load_pretrained_gemma3
         src = name if weights is None else _hf_folder(weights, name, ('tokenizer.json',))
         model, _ = load_pretrained_gemma3(src, device, dtype)
         tok = load_gemma3_tokenizer(src)
@@ -322,34 +364,59 @@ def _gemma3_loader(name: str):
     return load
 
 # %% ../nbs/90_cli.ipynb #9e507061
-# name -> function(weights: Path | None, device, dtype) returning (model, TextCodec), for `--model NAME`
-MODEL_LOADERS: dict = {
-    **{name: _gpt2_loader(name) for name in PRETRAINED_GPT2},
-    **{name: _qwen3_loader(name) for name in PRETRAINED_QWEN3},
-    **{name: _llama3_loader(name) for name in PRETRAINED_LLAMA},
-    **{name: _gemma3_loader(name) for name in PRETRAINED_GEMMA3},
-}
+def _model_loaders() -> dict:
+    "MODEL_LOADERS, built on first use: reading the families' registries imports PyTorch."
+    if 'MODEL_LOADERS' not in globals():
+        from llm_from_scratch.gemma3 import PRETRAINED_GEMMA3
+        from llm_from_scratch.llama import PRETRAINED_LLAMA
+        from llm_from_scratch.qwen3 import PRETRAINED_QWEN3
+        from llm_from_scratch.weights import PRETRAINED_GPT2
+        # name -> function(weights: Path | None, device, dtype) returning (model, TextCodec), for --model NAME
+        globals()['MODEL_LOADERS'] = {
+            **{name: _gpt2_loader(name) for name in PRETRAINED_GPT2},
+            **{name: _qwen3_loader(name) for name in PRETRAINED_QWEN3},
+            **{name: _llama3_loader(name) for name in PRETRAINED_LLAMA},
+            **{name: _gemma3_loader(name) for name in PRETRAINED_GEMMA3},
+        }
+    return globals()['MODEL_LOADERS']
+
+def _dtypes() -> dict:
+    "DTYPES, built on first use: the names of --dtype and their torch dtypes."
+    if 'DTYPES' not in globals():
+        import torch
+        globals()['DTYPES'] = {name: getattr(torch, name) for name in _DTYPE_NAMES}
+    return globals()['DTYPES']
+
+_DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
+
+def __getattr__(name: str):
+    "cli.MODEL_LOADERS and cli.DTYPES, made when first asked for."
+    if name in ('MODEL_LOADERS', 'DTYPES'):
+        return _model_loaders() if name == 'MODEL_LOADERS' else _dtypes()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 # %% ../nbs/90_cli.ipynb #705e53ab
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
 def add_model_options(
     p: argparse.ArgumentParser,  # a subcommand's parser
 ) -> None:
     "The options that choose a model: `--model`, `--weights`, `--device`, `--dtype`."
-    p.add_argument('--model', help=f'a named model instead of a checkpoint folder: {", ".join(MODEL_LOADERS)}')
+    p.add_argument('--model', help=f'a named model instead of a checkpoint folder: {", ".join(_model_loaders())}')
     p.add_argument('--weights', type=Path, help="with --model: local files instead of a download (GPT-2: OpenAI's folder, "
                    "safetensors or the book's .pth; others: a Hugging Face folder, whose config.json sets the sizes)")
     p.add_argument('--device', help='cpu, cuda, cuda:N or mps (default: the best available)')
-    p.add_argument('--dtype', choices=DTYPES, help="the weights' precision (default: the checkpoint's)")
+    p.add_argument('--dtype', choices=_DTYPE_NAMES, help="the weights' precision (default: the checkpoint's)")
 
 def load_model_for_cli(
     # with .model (a name or None), .weights, .checkpoint (a folder or None), .device, .dtype
     args: argparse.Namespace,
 ) -> tuple[torch.nn.Module, TextCodec]:  # the model in eval mode on the device, and its codec
     "The model a command runs: a named model from `MODEL_LOADERS` (downloaded, or `--weights`), or a checkpoint folder's."
+    from llm_from_scratch.core import get_device
+    from llm_from_scratch.kv_cache import relayout_weights
+    from llm_from_scratch.trainer import checkpoint_config, find_checkpoint, model_from_checkpoint, use_fused_kernels
     device = get_device(args.device or None)
-    weights, dtype = getattr(args, 'weights', None), DTYPES.get(getattr(args, 'dtype', None) or '')
+    weights, dtype = getattr(args, 'weights', None), _dtypes().get(getattr(args, 'dtype', None) or '')
     if args.model is None:
         if weights is not None:
             raise CLIError('--weights goes with --model NAME (a checkpoint folder is given without options)')
@@ -358,11 +425,12 @@ def load_model_for_cli(
         model = model.to(dtype) if dtype is not None else model
         codec = tiktoken_codec(checkpoint_config(ckpt).get('tokenizer') or 'gpt2')
     else:
-        if args.model not in MODEL_LOADERS:
-            raise CLIError(f'unknown model {args.model!r}; known models: {", ".join(MODEL_LOADERS)} (or pass a checkpoint folder)')
+        if args.model not in _model_loaders():
+            raise CLIError(f'unknown model {args.model!r}; known models: {", ".join(_model_loaders())} '
+                           '(or pass a checkpoint folder)')
         if weights is not None and not weights.exists():
             raise CLIError(f'--weights {weights}: no such file or folder')
-        model, codec = MODEL_LOADERS[args.model](weights, device, dtype)
+        model, codec = _model_loaders()[args.model](weights, device, dtype)
     if device.type == 'cpu':
         # the faster weight layout for generating on a CPU (the KV-cache page measures it)
         relayout_weights(model)
@@ -371,6 +439,9 @@ def load_model_for_cli(
 # %% ../nbs/90_cli.ipynb #69f6083d
 def cmd_generate(args: argparse.Namespace) -> int:
     "Stream a continuation of the prompt (or, with --chat, the answer to it) to stdout."
+    import torch
+
+    from llm_from_scratch.kv_cache import generate_stream
     if args.model is not None:
         if len(args.source) != 1:
             raise CLIError('with --model, give only the prompt')
@@ -386,6 +457,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids, eos_id = (codec.encode_chat(prompt), codec.chat_eos_id) if args.chat else (codec.encode(prompt), codec.eos_id)
     if not ids:
         raise CLIError('the prompt is empty')
+    context = (getattr(model, 'cfg', None) or {}).get('context_length')
+    if context is not None and len(ids) > context:
+        raise CLIError(f'the prompt is {len(ids)} tokens long; the model\'s context holds {context} tokens')
     device = next(model.parameters()).device
     idx = torch.tensor([ids], device=device)  # (1, T)
     torch.manual_seed(args.seed)
@@ -415,24 +489,69 @@ def add_generate_parser(sub) -> None:
 # package modules whose `add_cli_parser(sub)`, where defined, adds subcommands
 CLI_MODULES = ('classify', 'instruct', 'dpo', 'serve')
 
-def build_parser() -> argparse.ArgumentParser:
-    "The `llm-from-scratch` argument parser with every subcommand."
-    p = argparse.ArgumentParser(prog='llm-from-scratch',
-                                description="Train, fine-tune, run and serve the models of Build a Large Language Model (From Scratch).")
+def _top_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog='llm-from-scratch', description=(
+        'Train, fine-tune, run and serve the models of Build a Large Language Model (From Scratch).'))
+
+def build_parser(
+    only: str | None = None,  # a subcommand: build just its parser (importing just its module); None: all
+) -> argparse.ArgumentParser:
+    "The `llm-from-scratch` argument parser with every subcommand (or only the one named)."
+    p = _top_parser()
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
-    d = sub.add_parser('doctor', help='check Python packages, the device and the data files')
-    d.set_defaults(func=cmd_doctor)
-    add_pretrain_parser(sub)
-    add_generate_parser(sub)
+    if only in (None, 'doctor'):
+        d = sub.add_parser('doctor', help='check Python packages, the device and the data files')
+        d.set_defaults(func=cmd_doctor)
+    if only in (None, 'pretrain'):
+        add_pretrain_parser(sub)
+    if only in (None, 'generate'):
+        add_generate_parser(sub)
+    home = COMMANDS.get(only, ('cli', ''))[0]
     for name in CLI_MODULES:
-        module = importlib.import_module(f'llm_from_scratch.{name}')
-        if hasattr(module, 'add_cli_parser'):
-            module.add_cli_parser(sub)
+        if only is None or name == home:
+            module = importlib.import_module(f'llm_from_scratch.{name}')
+            if hasattr(module, 'add_cli_parser'):
+                module.add_cli_parser(sub)
     return p
 
+
+# %% ../nbs/90_cli.ipynb #e45bfe3a
+# subcommand -> (the module that adds it, its one-line help), for a quick top-level --help
+COMMANDS = {
+    'doctor': ('cli', 'check Python packages, the device and the data files'),
+    'pretrain': ('cli', 'pretrain a GPT on a text corpus and save checkpoints'),
+    'generate': ('cli', 'continue a prompt with a trained or pretrained model, streaming the text'),
+    'finetune-classifier': ('classify', 'fine-tune a GPT into a ham/spam classifier (chapter 6, appendix E)'),
+    'classify': ('classify', 'classify a text with a saved classifier: prints the label and its probability'),
+    'finetune-instruct': ('instruct', 'instruction-tune a model on Alpaca-style entries (chapter 7)'),
+    'finetune-dpo': ('dpo', 'preference-tune an instruction-tuned model with DPO (chapter 7 bonus)'),
+    'serve': ('serve', 'serve a model over HTTP: Ollama and OpenAI APIs and a chat page'),
+}
+
+def _quick_parser() -> argparse.ArgumentParser:
+    "The top-level parser with every subcommand's name and help but none of their options."
+    p = _top_parser()
+    sub = p.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (_, help) in COMMANDS.items():
+        sub.add_parser(name, help=help)
+    return p
+
+def _parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    "The smallest parser that can read argv: quick help, one subcommand's, or the full one."
+    first = argv[0] if argv else None
+    known = set(CLI_MODULES) <= {module for module, _ in COMMANDS.values()}
+    if known and first in COMMANDS:
+        return build_parser(only=first)
+    if known and first in (None, '-h', '--help'):
+        return _quick_parser()
+    return build_parser()
+
+
+# %% ../nbs/90_cli.ipynb #c679cf76
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `llm-from-scratch` console script."
-    p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = _parser_for(argv)
     args = p.parse_args(argv)
     if getattr(args, 'func', None) is None:
         p.print_help()
@@ -446,3 +565,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
+

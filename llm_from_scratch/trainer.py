@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import json
 import math
 import operator
@@ -14,11 +15,18 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 import numpy as np
 import tiktoken
@@ -46,12 +54,13 @@ from .kv_cache import generate
 from .pretrain import calc_loss_batch, calc_lr
 
 # %% auto #0
-__all__ = ['MODEL_CONFIGS', 'TOKEN_FILE_MAGIC', 'SCHEDULES', 'PRECISIONS', 'CHECKPOINT_FILES', 'token_file_meta',
+__all__ = ['MODEL_CONFIGS', 'TOKEN_FILE_MAGIC', 'SCHEDULES', 'PRECISIONS', 'CHECKPOINT_FILES', 'RUN_LOCK', 'token_file_meta',
            'read_token_file', 'tokenize_to_file', 'TokenWindows', 'epoch_order', 'batch_indices', 'make_optimizer',
            'lr_factor', 'FusedLayerNorm', 'FusedGELU', 'use_fused_kernels', 'autocast_dtype', 'CheckpointError',
-           'save_checkpoint', 'find_checkpoint', 'read_weights', 'checkpoint_config', 'load_checkpoint',
-           'model_from_checkpoint', 'setup_distributed', 'cleanup_distributed', 'ToyDataset', 'NeuralNetwork',
-           'compute_accuracy', 'TrainConfig', 'NonFiniteLossError', 'Trainer']
+           'DiskFullError', 'non_finite_tensors', 'save_checkpoint', 'find_checkpoint', 'read_weights',
+           'checkpoint_config', 'load_checkpoint', 'model_from_checkpoint', 'RunLockedError', 'run_lock',
+           'setup_distributed', 'cleanup_distributed', 'ToyDataset', 'NeuralNetwork', 'compute_accuracy', 'TrainConfig',
+           'NonFiniteLossError', 'Trainer']
 
 # %% ../nbs/05c_training_at_scale.ipynb #3f70f63a
 MODEL_CONFIGS = {
@@ -292,6 +301,11 @@ def autocast_dtype(
 class CheckpointError(ValueError):
     "A checkpoint is missing, incomplete, corrupt or does not fit the model; the message names the file."
 
+class DiskFullError(OSError):
+    "The disk filled up during a save; the message says where and which checkpoint is still complete."
+    def __str__(self) -> str:
+        return self.strerror
+
 CHECKPOINT_FILES = ('model.safetensors', 'state.pt', 'config.json')
 
 def _fsync_dir(path: Path) -> None:
@@ -325,19 +339,30 @@ def _weights_for_file(weights: dict) -> tuple[dict, dict]:
         storages.add(key[0])
     return out, aliases
 
+# %% ../nbs/05c_training_at_scale.ipynb #e9c3ccc0
+def non_finite_tensors(
+    weights: dict,  # name -> tensor, e.g. a state dict
+) -> list[str]:     # the names of the floating-point tensors holding NaN or inf, in order
+    "The tensors of `weights` with a value that is not a finite number."
+    return [k for k, t in weights.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+
+def _some(names: list[str], n: int = 3) -> str:
+    "'a', 'b' and 4 more: the first few of a list of names."
+    shown = ', '.join(repr(k) for k in names[:n])
+    return shown + (f' and {len(names) - n} more' if len(names) > n else '')
+
+def _last_complete(run_dir: Path) -> str:
+    "Which checkpoint of run_dir is complete, as the end of a sentence."
+    with contextlib.suppress(OSError):
+        if (name := (run_dir/'latest').read_text().strip()) and (run_dir/name).is_dir():
+            return f'the last complete checkpoint, {run_dir/name}, is intact'
+    return 'no earlier checkpoint of this run exists'
+
+
 # %% ../nbs/05c_training_at_scale.ipynb #d9120080
-def save_checkpoint(
-    run_dir: str | Path,        # the run's folder; the checkpoint becomes run_dir/step-NNNNNNNN
-    model,                      # an nn.Module, or a state dict of its weights
-    state: dict | None = None,  # what else to restore: step, optimizer, scheduler, data position, RNG states, ...
-    config: dict | None = None, # JSON-serializable: the model and training configs
-    keep_last: int = 2,         # older step folders to keep besides the new one (None: all)
-) -> Path:                      # the new checkpoint folder
-    "Write a checkpoint folder atomically and point `run_dir/latest` at it; a failed save leaves the previous one intact."
-    run_dir, state = Path(run_dir), dict(state or {})
-    step = int(state.get('step', 0))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    weights = model if isinstance(model, dict) else _unwrap(model).state_dict()
+def _write_step_folder(run_dir: Path, step: int, weights: dict, state: dict, config: dict | None) -> Path:
+    "Write run_dir/step-NNNNNNNN through a temporary folder; on any error remove what was written."
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix='.tmp-step-'))
     try:
         tensors, aliases = _weights_for_file(weights)
@@ -363,8 +388,37 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    with atomic_write(run_dir/'latest', 'w') as f:
-        f.write(final.name + '\n')
+    return final
+
+
+# %% ../nbs/05c_training_at_scale.ipynb #84fea2cb
+_DISK_FULL = {errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+
+def save_checkpoint(
+    run_dir: str | Path,        # the run's folder; the checkpoint becomes run_dir/step-NNNNNNNN
+    model,                      # an nn.Module, or a state dict of its weights
+    state: dict | None = None,  # what else to restore: step, optimizer, scheduler, data position, RNG states, ...
+    config: dict | None = None, # JSON-serializable: the model and training configs
+    keep_last: int = 2,         # older step folders to keep besides the new one (None: all)
+) -> Path:                      # the new checkpoint folder
+    "Write a checkpoint folder atomically and point `run_dir/latest` at it; a failed save leaves the previous one intact."
+    run_dir, state = Path(run_dir), dict(state or {})
+    step = int(state.get('step', 0))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    weights = model if isinstance(model, dict) else _unwrap(model).state_dict()
+    if bad := non_finite_tensors(weights):
+        raise CheckpointError(f'refusing to save step {step} in {run_dir}: {_some(bad)} hold NaN or inf '
+                              f'values; {_last_complete(run_dir)}')
+    try:
+        final = _write_step_folder(run_dir, step, weights, state, config)
+        with atomic_write(run_dir/'latest', 'w') as f:
+            f.write(final.name + '\n')
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise DiskFullError(e.errno, f'the disk holding {run_dir} is full ({e.strerror}): step {step} '
+                            f'was not saved and its temporary files were removed; {_last_complete(run_dir)}. '
+                            'Free some space, then resume the run.') from None
     for stale in run_dir.glob('.tmp-step-*'):  # folders of saves killed before they finished
         shutil.rmtree(stale, ignore_errors=True)
     if keep_last is not None:
@@ -372,6 +426,7 @@ def save_checkpoint(
         for old in steps[:max(0, len(steps) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
 
 # %% ../nbs/05c_training_at_scale.ipynb #e4bd8df7
 def find_checkpoint(
@@ -437,6 +492,9 @@ def read_weights(
         raise CheckpointError(f'{path} is not a complete safetensors file ({e})') from None
     for name, target in json.loads(meta.get('aliases', '{}')).items():
         weights[name] = weights[target]
+    if bad := non_finite_tensors(weights):
+        raise CheckpointError(f'{path}: tensor {_some(bad)} holds NaN or inf values, so the model would '
+                              'generate nonsense: load an earlier checkpoint of the run')
     if expected is not None:
         if missing := [k for k in expected if k not in weights]:
             raise CheckpointError(f'{path} lacks {len(missing)} of the model\'s tensors, e.g. {missing[0]!r}')
@@ -494,6 +552,77 @@ def model_from_checkpoint(
     model = model_class(cfg)
     model.load_state_dict(read_weights(ckpt/'model.safetensors', model.state_dict()))
     return model.to(device or 'cpu').eval()
+
+# %% ../nbs/05c_training_at_scale.ipynb #d0a50f88
+RUN_LOCK = 'run.lock'
+_held_locks: dict = {}  # lock files this process holds -> (file descriptor, how many holders)
+
+class RunLockedError(FileExistsError):
+    "Another run is using the run folder; the message names its process, host and start time."
+
+def _try_lock(fd: int) -> bool:
+    "Take an exclusive lock on the open file, without waiting; False if another process holds it."
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
+
+def _lock_holder(lock: Path) -> str:
+    "Who holds a lock file, from what it recorded."
+    try:
+        who = json.loads(lock.read_text())
+        return f"PID {who['pid']} on {who['host']}, started {who['started']}"
+    except (OSError, ValueError, KeyError):
+        return 'a process that has not yet recorded itself'
+
+
+# %% ../nbs/05c_training_at_scale.ipynb #288d5f84
+def _acquire_lock(lock: Path) -> int:
+    "Lock the file lock (created if missing) and record this process in it; its file descriptor."
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise RunLockedError(f'{lock.parent} is in use by another run ({_lock_holder(lock)}): '
+                                 'wait for it to finish, or give this run another --out folder')
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino or fcntl is None:
+                break
+        os.close(fd)  # the file was deleted (its run ended) between opening and locking: again
+    started = time.strftime('%Y-%m-%d %H:%M:%S %z')
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'started': started}).encode())
+    return fd
+
+@contextlib.contextmanager
+def run_lock(
+    run_dir: str | Path,  # the run folder, created if missing
+):
+    "Hold run_dir/run.lock while the block runs; RunLockedError if another live run holds it."
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = (run_dir/RUN_LOCK).resolve()
+    fd, holders = _held_locks.get(lock) or (_acquire_lock(lock), 0)
+    _held_locks[lock] = (fd, holders + 1)
+    try:
+        yield lock
+    finally:
+        fd, holders = _held_locks.pop(lock)
+        if holders > 1:
+            _held_locks[lock] = (fd, holders - 1)
+        else:  # deleted while still locked, so that no other run can lock the old file
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            os.close(fd)
+            if created:  # a run that stopped before writing anything leaves no empty folder
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+
 
 # %% ../nbs/05c_training_at_scale.ipynb #29a57d6a
 def setup_distributed(
@@ -600,6 +729,9 @@ class TrainConfig:
             raise ValueError(f'TrainConfig.schedule must be one of {SCHEDULES}, not {self.schedule!r}')
         if self.precision not in PRECISIONS:
             raise ValueError(f'TrainConfig.precision must be one of {PRECISIONS}, not {self.precision!r}')
+        for k in ('eval_interval', 'sample_interval', 'ckpt_interval', 'keep_last'):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
+                raise ValueError(f'TrainConfig.{k} must be 0 or a positive integer, not {getattr(self, k)!r}')
         if not self.lr > 0:
             raise ValueError(f'TrainConfig.lr must be positive, not {self.lr!r}')
         if self.schedule == 'cosine' and not 0 <= self.warmup_steps < self.max_steps:
@@ -860,6 +992,7 @@ def save(self: Trainer) -> Path | None:
         return None
     weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     state = self.state()
+    self._check_weights(weights)
     if self.rank == 0:
         tok = self.tokenizer or tiktoken.get_encoding('gpt2')
         config = {'model': getattr(self.raw, 'cfg', None), 'train': asdict(self.cfg),
@@ -871,6 +1004,21 @@ def save(self: Trainer) -> Path | None:
         dist.broadcast_object_list(paths, src=0)
         self.last_checkpoint = paths[0]
     return self.last_checkpoint
+
+# %% ../nbs/05c_training_at_scale.ipynb #11cd1085
+@patch
+def _check_weights(self: Trainer, weights: dict) -> None:
+    "Stop the run, on every rank, if the gathered weights hold NaN or inf."
+    bad = non_finite_tensors(weights) if self.rank == 0 else None
+    if self.world_size > 1:
+        box = [bad]
+        dist.broadcast_object_list(box, src=0)
+        bad = box[0]
+    if bad:
+        where = f'the last good checkpoint is {self.last_checkpoint}' if self.last_checkpoint else 'no checkpoint was written'
+        raise NonFiniteLossError(f'The weights hold NaN or inf after step {self.step} ({_some(bad)}): training stopped '
+                                 f'without saving them; {where}.')
+
 
 # %% ../nbs/05c_training_at_scale.ipynb #c14d1602
 @patch
@@ -886,6 +1034,7 @@ def load(self: Trainer, path: str | Path, verify: bool = True) -> dict:
     s = info['state']
     set_optimizer_state_dict(self.raw, self.optimizer, s['optimizer'], options=full)
     self.scheduler.load_state_dict(s['scheduler'])
+    self._apply_settings()
     self.step, self.epoch, self.position, self.tokens_seen = s['step'], s['epoch'], s['position'], s['tokens_seen']
     self.history = s['history']
     if len(s['rng']) == self.world_size:
@@ -896,11 +1045,57 @@ def load(self: Trainer, path: str | Path, verify: bool = True) -> dict:
         _set_rng_state(s['rng'][0])
         torch.manual_seed(self.cfg.seed + 1000 * self.step + self.rank)
     self.last_checkpoint, self._seeded = ckpt, True
-    if self.rank == 0 and self.run_dir is not None and (self.run_dir/'log.jsonl').is_file():
-        lines = (self.run_dir/'log.jsonl').read_text().splitlines(keepends=True)
-        with atomic_write(self.run_dir/'log.jsonl', 'w') as f:  # forget what the abandoned steps logged
-            f.writelines(line for line in lines if json.loads(line).get('step', 0) <= self.step)
+    self._trim_log(self.step)  # forget what the abandoned steps logged
     return info
+
+# %% ../nbs/05c_training_at_scale.ipynb #fdbc8d7e
+@patch
+def _apply_settings(self: Trainer) -> None:
+    "After loading the optimizer and scheduler states: use this trainer's lr, weight decay and betas."
+    decay = (self.cfg.weight_decay, 0.0)  # make_optimizer's groups: matrices, then the rest
+    for group, wd in zip(self.optimizer.param_groups, decay):
+        group.update(weight_decay=wd, betas=tuple(self.cfg.betas), initial_lr=self.cfg.lr)
+    self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+    factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+    for group in self.optimizer.param_groups:
+        group['lr'] = self.cfg.lr * factor
+    self.scheduler._last_lr = [group['lr'] for group in self.optimizer.param_groups]
+
+@patch
+def _trim_log(self: Trainer, last_step: int) -> None:
+    "Keep the complete lines of run_dir/log.jsonl up to last_step (rank 0; none: a fresh log)."
+    log = self.run_dir/'log.jsonl' if self.run_dir is not None else None
+    if self.rank != 0 or log is None or not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines(keepends=True):
+        with contextlib.suppress(ValueError, AttributeError):
+            if line.endswith('\n') and json.loads(line).get('step', 0) <= last_step:
+                kept.append(line)
+    with atomic_write(log, 'w') as f:
+        f.writelines(kept)
+
+
+# %% ../nbs/05c_training_at_scale.ipynb #761f75a8
+@patch
+def _hold_run_dir(self: Trainer) -> contextlib.AbstractContextManager:
+    "Rank 0 locks the run folder for the run's life; every rank raises RunLockedError if another run has it."
+    if self.run_dir is None:
+        return contextlib.nullcontext()
+    hold, error = contextlib.ExitStack(), None
+    if self.rank == 0:
+        try:
+            hold.enter_context(run_lock(self.run_dir))
+        except RunLockedError as e:
+            error = str(e)
+    if self.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RunLockedError(error)
+    return hold
+
 
 # %% ../nbs/05c_training_at_scale.ipynb #58665bb4
 @patch
@@ -910,10 +1105,18 @@ def fit(
     steps: int | None = None,          # stop after this many more steps (the schedule still spans max_steps)
 ) -> dict:                             # the history: step, loss, lr, tokens_seen, eval_step, val_loss
     "Train until `max_steps` (or `steps` more), with evaluation, samples and checkpoints at their intervals."
+    with self._hold_run_dir():
+        return self._fit(resume, steps)
+
+@patch
+def _fit(self: Trainer, resume: str | Path | None, steps: int | None) -> dict:
+    "`fit` inside the run folder's lock."
     cfg = self.cfg
     if resume is not None:
         self.load(resume)
         self.log(f'resumed from {self.last_checkpoint} at step {self.step}')
+    elif self.step == 0:  # a fresh start: an earlier attempt's log lines would repeat steps
+        self._trim_log(0)
     if not self._seeded:  # dropout masks differ between processes but repeat between runs
         torch.manual_seed(cfg.seed + self.rank)
         self._seeded = True
