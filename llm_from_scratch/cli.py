@@ -230,9 +230,9 @@ def _check_pretrain_args(args: argparse.Namespace) -> None:
 
 # %% ../nbs/90_cli.ipynb #9bbc20d1
 def _pretrain(args: argparse.Namespace, rank: int, world_size: int) -> int:
-    import tiktoken
     import torch
 
+    from llm_from_scratch.core import gpt2_tokenizer
     from llm_from_scratch.gpt import GPTModel
     from llm_from_scratch.trainer import Trainer, run_lock, use_fused_kernels
     _check_pretrain_args(args)
@@ -250,7 +250,7 @@ def _pretrain(args: argparse.Namespace, rank: int, world_size: int) -> int:
             print(f'{n / 1e6:.1f}M parameters; {len(train_ds):,} training windows of {T} tokens from {path.name}'
                   f'{f", {len(val_ds):,} for validation" if val_ds else ""}; {cfg.max_steps} steps; '
                   f'run folder {run_dir}')
-        trainer = Trainer(model, train_ds, val_ds, cfg, run_dir=run_dir, tokenizer=tiktoken.get_encoding('gpt2'),
+        trainer = Trainer(model, train_ds, val_ds, cfg, run_dir=run_dir, tokenizer=gpt2_tokenizer(),
                           meta={'data': data, 'val_fraction': val_fraction})
         trainer.fit(resume=ckpt)
     if rank == 0:
@@ -276,7 +276,9 @@ def tiktoken_codec(
 ) -> TextCodec:
     "The codec of a tiktoken encoding; GPT-2 has no chat template."
     import tiktoken
-    tok = tiktoken.get_encoding(name)
+
+    from llm_from_scratch.core import gpt2_tokenizer
+    tok = gpt2_tokenizer() if name == 'gpt2' else tiktoken.get_encoding(name)
     return TextCodec(tok.encode, tok.decode, tok.eot_token)
 
 # %% ../nbs/90_cli.ipynb #88416888
@@ -441,7 +443,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     "Stream a continuation of the prompt (or, with --chat, the answer to it) to stdout."
     import torch
 
-    from llm_from_scratch.kv_cache import generate_stream
+    from llm_from_scratch.kv_cache import check_sampling, generate_stream
+    # the one check of sampling settings that generate and the server share, before anything loads
+    check_sampling(args.temperature, args.top_k)
     if args.model is not None:
         if len(args.source) != 1:
             raise CLIError('with --model, give only the prompt')

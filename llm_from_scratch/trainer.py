@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .core import REGISTRY, atomic_write, download, get_device, sha256sum
+from .core import REGISTRY, atomic_write, download, get_device, gpt2_tokenizer, sha256sum
 from .gpt import GELU, GPT_CONFIG_124M, GPT_CONFIGS, GPTModel, LayerNorm
 from .kv_cache import generate
 from .pretrain import calc_loss_batch, calc_lr
@@ -133,7 +133,7 @@ def tokenize_to_file(
     src = download(name, quiet=quiet) if name in REGISTRY and not Path(name).exists() else Path(name)
     if not src.is_file():
         raise FileNotFoundError(f'{src}: no such text file (or data name; known names: {", ".join(sorted(REGISTRY))})')
-    tokenizer = tokenizer or tiktoken.get_encoding('gpt2')
+    tokenizer = tokenizer or gpt2_tokenizer()
     n_vocab = getattr(tokenizer, 'n_vocab', None)
     dtype = np.dtype(np.uint16 if n_vocab is not None and n_vocab <= 1 << 16 else np.uint32)
     encode, decoder = _encoder(tokenizer), codecs.getincrementaldecoder('utf-8')()
@@ -960,7 +960,7 @@ def evaluate(self: Trainer) -> float | None:
 @torch.no_grad()
 def sample(self: Trainer, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
     "A greedy continuation of `prompt` (default the config's), decoded; uses no random numbers."
-    tok = self.tokenizer or tiktoken.get_encoding('gpt2')
+    tok = self.tokenizer or gpt2_tokenizer()
     idx = torch.tensor([tok.encode(prompt or self.cfg.sample_prompt)], device=self.device)  # (1, T)
     model = self.raw if not self.fsdp else self.model
     model.eval()
@@ -994,7 +994,7 @@ def save(self: Trainer) -> Path | None:
     state = self.state()
     self._check_weights(weights)
     if self.rank == 0:
-        tok = self.tokenizer or tiktoken.get_encoding('gpt2')
+        tok = self.tokenizer or gpt2_tokenizer()
         config = {'model': getattr(self.raw, 'cfg', None), 'train': asdict(self.cfg),
                   'tokenizer': getattr(tok, 'name', None), 'world_size': self.world_size, 'meta': self.meta}
         self.last_checkpoint = save_checkpoint(self.run_dir, weights, state, config, keep_last=self.cfg.keep_last)

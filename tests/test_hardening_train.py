@@ -331,3 +331,28 @@ def test_the_quick_help_lists_what_the_full_parser_has():
     quick = cli._quick_parser()._subparsers._group_actions[0]
     helps = lambda action: {a.dest: a.help for a in action._choices_actions}
     assert helps(quick) == helps(full)
+
+
+# --- sampling settings on the command line: one check shared with generate and the server ---------------------------
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    model_cfg = MODEL_CONFIGS['gpt-small-test']
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path/'run', GPTModel(model_cfg), {'step': 1}, {'model': model_cfg, 'tokenizer': 'gpt2'})
+    return tmp_path/'run'
+
+
+@pytest.mark.parametrize('temperature', ['nan', 'inf', '-1', '-inf'])
+def test_generate_refuses_bad_temperatures(tiny_run, capsys, temperature):
+    "nan used to pass as greedy and inf to crash: one line naming the value, as the server says."
+    err = one_line_error(capsys, ['generate', str(tiny_run), 'Hello', f'--temperature={temperature}', '--device', 'cpu'])
+    assert 'temperature must be a finite number >= 0' in err, err
+
+
+@pytest.mark.parametrize('temperature,top_k', [('1e-45', None), ('5e-324', '5'), ('1e308', '5'), ('1e308', None)])
+def test_generate_samples_at_extreme_temperatures(tiny_run, capsys, temperature, top_k):
+    "Accepted temperatures sample without a traceback (1e-45 and 1e308 with top-k used to crash)."
+    argv = ['generate', str(tiny_run), 'Hello', '--temperature', temperature, '--max-new-tokens', '4', '--device', 'cpu']
+    assert main(argv + (['--top-k', top_k] if top_k else [])) == 0
+    assert capsys.readouterr().out.startswith('Hello')
