@@ -59,8 +59,12 @@ scripts = st.text(alphabet=st.one_of(st.characters(min_codepoint=0x4E00, max_cod
                                      st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF),  # emoji
                                      st.characters(min_codepoint=0x20, max_codepoint=0x7E)),      # ASCII
                   min_size=1, max_size=8)
-mixed = st.lists(st.one_of(st.sampled_from(FRAGMENTS), whitespace, digits, letters, scripts, st.text(max_size=4)),
-                 max_size=10).map(''.join)
+# Code points that this Python's Unicode tables leave unassigned are left out: the `regex` module and tiktoken's Rust
+# engine classify them by different Unicode versions (U+3D000 is a letter to one, not to the other), so their
+# pre-tokens differ for a reason that lies outside the tokenizer.
+assigned = st.characters(exclude_categories=['Cn', 'Cs'])  # (lone surrogates are not text either)
+mixed = st.lists(st.one_of(st.sampled_from(FRAGMENTS), whitespace, digits, letters, scripts,
+                           st.text(alphabet=assigned, max_size=4)), max_size=10).map(''.join)
 
 
 # ---- GPT-2: equality with tiktoken ----
@@ -95,7 +99,7 @@ def test_gpt2_equals_tiktoken_on_mixed_text(gpt2, tik, s):
 
 
 @many
-@given(st.text())
+@given(st.text(alphabet=assigned))
 def test_gpt2_equals_tiktoken_on_any_text(gpt2, tik, s):
     ids = gpt2.encode(s, disallowed_special=())
     assert ids == tik.encode(s, disallowed_special=())
