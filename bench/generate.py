@@ -16,7 +16,6 @@ A third table decodes with tiny-but-not-trivial configs of the modern architectu
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from llm_from_scratch.kv_cache import generate, relayout_weights
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 from tiny_models import unit_scale  # noqa: E402
-from common import write_json  # noqa: E402  the tests' builder: weights of unit-scale activations, no near-ties
+from common import cpu_model, write_json  # noqa: E402  the tests' builder: weights of unit-scale activations, no near-ties
 
 
 def to_transformers(model):
@@ -58,15 +57,6 @@ def to_transformers(model):
     if missing or unexpected:
         raise RuntimeError(f'weight copy: missing {missing}, unexpected {unexpected}')
     return hf.eval()
-
-
-def cpu_name():
-    "The CPU model, from /proc/cpuinfo where there is one."
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def layout_table(repeats=15):
@@ -222,7 +212,7 @@ def main():
     tables = {}
     torch.set_num_threads(args.threads)
     if args.architectures_only:
-        print(f'{torch.get_num_threads()} threads, {os.cpu_count()} cores ({cpu_name()}); torch {torch.__version__}')
+        print(f'{torch.get_num_threads()} threads, {os.cpu_count()} cores ({cpu_model()}); torch {torch.__version__}')
         tables['architectures'] = architecture_table(args)
         if args.json:
             write_json(args.json, tables, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
@@ -270,7 +260,7 @@ def main():
     rates = {name: n / statistics.median(ts) for name, ts in times.items()}
 
     print(f'{n} new tokens from a {args.prompt_tokens}-token prompt; GPT-2 124M, random weights, float32, batch 1, greedy; '
-          f'{torch.get_num_threads()} threads, {os.cpu_count()} cores ({cpu_name()}); torch {torch.__version__}, '
+          f'{torch.get_num_threads()} threads, {os.cpu_count()} cores ({cpu_model()}); torch {torch.__version__}, '
           f'transformers {transformers.__version__}; median of {args.repeats}; every method gives the same tokens.\n')
     print('| method | tokens/s | vs `generate_text_simple` | vs `transformers` |')
     print('|---|---:|---:|---:|')

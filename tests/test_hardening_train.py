@@ -29,6 +29,7 @@ from llm_from_scratch.trainer import (
 )
 
 from conftest import shared_data
+from tiny_models import Interrupting
 
 TINY = {**GPT_CONFIG_124M, 'vocab_size': 97, 'context_length': 16, 'emb_dim': 32, 'n_heads': 4, 'n_layers': 2,
         'drop_rate': 0.0}
@@ -236,20 +237,6 @@ def test_a_stale_lock_does_not_block(tmp_path):
 
 # --- 5. the log holds each step once -------------------------------------------------------------------------------
 
-class Crash(torch.utils.data.Dataset):
-    def __init__(self, data, after):
-        self.data, self.after, self.reads = data, after, 0
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads == self.after:
-            raise KeyboardInterrupt
-        return self.data[i]
-
-
 def logged_steps(run):
     return [r['step'] for r in map(json.loads, (run/'log.jsonl').read_text().splitlines()) if 'loss' in r]
 
@@ -258,7 +245,7 @@ def test_a_restart_without_a_checkpoint_starts_a_fresh_log(tmp_path):
     run, data = tmp_path/'run', windows()
     for _ in range(2):  # killed at step 4, twice, before the first checkpoint
         with pytest.raises(KeyboardInterrupt):
-            Trainer(tiny_model(), Crash(data, after=3 * 4 + 2), None, cfg(max_steps=6), run_dir=run).fit()
+            Trainer(tiny_model(), Interrupting(data, after=3 * 4 + 2), None, cfg(max_steps=6), run_dir=run).fit()
     assert logged_steps(run) == [1, 2, 3]
     Trainer(tiny_model(), data, None, cfg(max_steps=6), run_dir=run).fit()
     assert logged_steps(run) == [1, 2, 3, 4, 5, 6]

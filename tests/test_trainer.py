@@ -9,7 +9,6 @@ import tiktoken
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 import llm_from_scratch.trainer as trainer_mod
@@ -37,6 +36,7 @@ from llm_from_scratch.trainer import (
 )
 
 from conftest import shared_data
+from tiny_models import Interrupting
 
 TINY = {**GPT_CONFIG_124M, 'vocab_size': 97, 'context_length': 16, 'emb_dim': 32, 'n_heads': 4, 'n_layers': 2, 'drop_rate': 0.1}
 GPT2 = tiktoken.get_encoding('gpt2')
@@ -372,21 +372,6 @@ def test_too_little_data():
     t = Trainer(tiny_model(), random_windows(n_tokens=16 * 3 + 1), None, cfg(batch_size=4))
     with pytest.raises(ValueError, match='fewer than one batch'):
         t.fit()
-
-
-class Interrupting(Dataset):
-    "Windows that raise KeyboardInterrupt when item number `after` is read (a crash in the middle of a step)."
-    def __init__(self, data, after):
-        self.data, self.after, self.reads = data, after, 0
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads == self.after:
-            raise KeyboardInterrupt
-        return self.data[i]
 
 
 @pytest.mark.parametrize('grad_accum,precision', [(1, 'fp32'), (2, 'fp32'), (1, 'bf16')])

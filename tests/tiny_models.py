@@ -145,3 +145,18 @@ def gemma3_folder(folder, seed=0):
     hf.save_pretrained(folder)
     gemma3_tokenizer_file(Path(folder)/"tokenizer.json")
     return hf
+
+
+class Interrupting(torch.utils.data.Dataset):
+    "Windows that raise KeyboardInterrupt when item number `after` is read (a crash in the middle of a step)."
+    def __init__(self, data, after):
+        self.data, self.after, self.reads = data, after, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.after:
+            raise KeyboardInterrupt
+        return self.data[i]
