@@ -393,6 +393,24 @@ def _write_step_folder(run_dir: Path, step: int, weights: dict, state: dict, con
 
 # %% ../nbs/05c_training_at_scale.ipynb #84fea2cb
 _DISK_FULL = {errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+_DISK_FULL_TEXT = ('No space left on device', 'Disk quota exceeded', 'os error 28', 'os error 122')
+
+def _disk_full(e: BaseException, run_dir: Path, needed: int) -> bool:
+    "Whether a failed save ran out of disk: an OSError says so; safetensors' and torch.save's errors need a look."
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in _DISK_FULL
+    if any(t in str(e) for t in _DISK_FULL_TEXT):
+        return True  # safetensors (Rust) passes the OS's message on as text
+    # torch.save's writer reports a short write without an errno ("unexpected pos ..."): ask the disk
+    return isinstance(e, RuntimeError) and shutil.disk_usage(run_dir).free < needed
+
+def _tensor_bytes(obj) -> int:
+    "Bytes of the tensors in a nest of dicts, lists and tuples: about what a checkpoint writes."
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(_tensor_bytes, obj.values()))
+    return sum(map(_tensor_bytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
 def save_checkpoint(
     run_dir: str | Path,        # the run's folder; the checkpoint becomes run_dir/step-NNNNNNNN
@@ -413,10 +431,12 @@ def save_checkpoint(
         final = _write_step_folder(run_dir, step, weights, state, config)
         with atomic_write(run_dir/'latest', 'w') as f:
             f.write(final.name + '\n')
-    except OSError as e:
-        if e.errno not in _DISK_FULL:
+    except Exception as e:
+        if not _disk_full(e, run_dir, _tensor_bytes(weights) + _tensor_bytes(state)):
             raise
-        raise DiskFullError(e.errno, f'the disk holding {run_dir} is full ({e.strerror}): step {step} '
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else 'No space left on device'
+        code = e.errno if isinstance(e, OSError) and e.errno in _DISK_FULL else errno.ENOSPC
+        raise DiskFullError(code, f'the disk holding {run_dir} is full ({reason}): step {step} '
                             f'was not saved and its temporary files were removed; {_last_complete(run_dir)}. '
                             'Free some space, then resume the run.') from None
     for stale in run_dir.glob('.tmp-step-*'):  # folders of saves killed before they finished
@@ -594,8 +614,12 @@ def _acquire_lock(lock: Path) -> int:
                 break
         os.close(fd)  # the file was deleted (its run ended) between opening and locking: again
     started = time.strftime('%Y-%m-%d %H:%M:%S %z')
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'started': started}).encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'started': started}).encode())
+    except BaseException:
+        os.close(fd)  # closing lets the lock go: a failed record must not lock this process out of its own run
+        raise
     return fd
 
 @contextlib.contextmanager

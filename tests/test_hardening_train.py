@@ -97,6 +97,66 @@ def test_disk_full_during_save_says_so_and_keeps_the_last_checkpoint(tmp_path, m
     assert load_checkpoint(run, tiny_model(seed=1))['path'].name == 'step-00000002'
 
 
+def _raises_like_a_full_disk(kind):
+    "The errors a full disk really gives: safetensors' Rust error as text, torch.save's short write without errno."
+    from safetensors import SafetensorError
+
+    def failing(*a, **k):
+        if kind == 'safetensors':
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" }) (os error 28)')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+    return failing
+
+
+@pytest.mark.parametrize('kind', ['safetensors', 'torch.save'])
+def test_disk_full_in_the_big_files_is_disk_full_too(tmp_path, monkeypatch, kind):
+    "The two large files fail with other exception types than OSError; they used to escape as raw tracebacks."
+    run, model = tmp_path/'run', tiny_model()
+    save_checkpoint(run, model, {'step': 2}, {'model': model.cfg})
+    if kind == 'safetensors':
+        monkeypatch.setattr(trainer_mod, 'save_file', _raises_like_a_full_disk(kind))
+    else:
+        monkeypatch.setattr(trainer_mod.torch, 'save', _raises_like_a_full_disk(kind))
+        monkeypatch.setattr(trainer_mod.shutil, 'disk_usage', lambda p: shutil_usage(0))
+    with pytest.raises(trainer_mod.DiskFullError, match='full') as e:
+        save_checkpoint(run, model, {'step': 4}, {'model': model.cfg})
+    monkeypatch.undo()
+    assert 'step-00000002' in str(e.value) and leftovers(run) == []
+    assert load_checkpoint(run, tiny_model(seed=1))['path'].name == 'step-00000002'
+
+
+def test_a_runtime_error_with_room_on_disk_is_not_called_disk_full(tmp_path, monkeypatch):
+    "Only a disk without room for the weights turns torch.save's errno-less error into DiskFullError."
+    run, model = tmp_path/'run', tiny_model()
+    monkeypatch.setattr(trainer_mod.torch, 'save', _raises_like_a_full_disk('torch.save'))
+    with pytest.raises(RuntimeError) as e:
+        save_checkpoint(run, model, {'step': 2}, {'model': model.cfg})
+    assert not isinstance(e.value, trainer_mod.DiskFullError)
+
+
+def shutil_usage(free):
+    import shutil
+    return shutil._ntuple_diskusage(10**9, 10**9 - free, free)
+
+
+def test_a_really_full_disk(tmp_path):
+    "A 2 MiB tmpfs filled by a checkpoint: the real errors of a full disk, where this machine lets us mount one."
+    mnt = tmp_path/'small'
+    mnt.mkdir()
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip('cannot mount a small tmpfs here')
+    try:
+        for weights, state in [({'w': torch.zeros(10**6)}, {'step': 1}),
+                               ({'w': torch.zeros(2 * 10**5)}, {'step': 1, 'opt': torch.zeros(6 * 10**5)})]:
+            with pytest.raises(trainer_mod.DiskFullError, match='full'):
+                save_checkpoint(mnt/'run', weights, state)
+            assert leftovers(mnt/'run') == []
+    finally:
+        subprocess.run(['umount', '-l', str(mnt)], capture_output=True)
+
+
 def test_disk_full_during_pretrain_is_one_line(tmp_path, monkeypatch, capsys):
     shared_data()
     fill_disk_on_call(monkeypatch, 2)
@@ -223,6 +283,21 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_failed_lock_record_does_not_lock_out_the_same_process(tmp_path, monkeypatch):
+    "If writing the holder's details fails, the lock is let go (it used to leak and refuse this very process)."
+    real_write = os.write
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(trainer_mod.os, 'write', full)
+    with pytest.raises(OSError):
+        with trainer_mod.run_lock(tmp_path/'run'):
+            pass
+    monkeypatch.setattr(trainer_mod.os, 'write', real_write)
+    with trainer_mod.run_lock(tmp_path/'run'):
+        pass
 
 
 def test_a_stale_lock_does_not_block(tmp_path):
