@@ -891,6 +891,15 @@ def _mean_over_ranks(self: Trainer, t: torch.Tensor) -> float:
         t /= self.world_size
     return t.item()
 
+@patch
+def _from_rank0(self: Trainer, value):
+    "Rank 0's `value` on every process (a Python object: a path, a message, a list of names)."
+    if self.world_size > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
 # %% ../nbs/05c_training_at_scale.ipynb #2e33853f
 @patch
 def _micro_batches(self: Trainer):
@@ -1024,20 +1033,14 @@ def save(self: Trainer) -> Path | None:
         self.last_checkpoint = save_checkpoint(self.run_dir, weights, state, config, keep_last=self.cfg.keep_last)
     if self.world_size > 1:
         dist.barrier()
-        paths = [self.last_checkpoint]
-        dist.broadcast_object_list(paths, src=0)
-        self.last_checkpoint = paths[0]
+    self.last_checkpoint = self._from_rank0(self.last_checkpoint)
     return self.last_checkpoint
 
 # %% ../nbs/05c_training_at_scale.ipynb #11cd1085
 @patch
 def _check_weights(self: Trainer, weights: dict) -> None:
     "Stop the run, on every rank, if the gathered weights hold NaN or inf."
-    bad = non_finite_tensors(weights) if self.rank == 0 else None
-    if self.world_size > 1:
-        box = [bad]
-        dist.broadcast_object_list(box, src=0)
-        bad = box[0]
+    bad = self._from_rank0(non_finite_tensors(weights) if self.rank == 0 else None)
     if bad:
         where = f'the last good checkpoint is {self.last_checkpoint}' if self.last_checkpoint else 'no checkpoint was written'
         raise NonFiniteLossError(f'The weights hold NaN or inf after step {self.step} ({_some(bad)}): training stopped '
@@ -1112,10 +1115,7 @@ def _hold_run_dir(self: Trainer) -> contextlib.AbstractContextManager:
             hold.enter_context(run_lock(self.run_dir))
         except RunLockedError as e:
             error = str(e)
-    if self.world_size > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+    error = self._from_rank0(error)
     if error:
         raise RunLockedError(error)
     return hold
