@@ -443,7 +443,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     "Stream a continuation of the prompt (or, with --chat, the answer to it) to stdout."
     import torch
 
-    from llm_from_scratch.kv_cache import check_sampling, generate_stream
+    from llm_from_scratch.kv_cache import check_prompt_fits, check_sampling, generate_stream
     # the one check of sampling settings that generate and the server share, before anything loads
     check_sampling(args.temperature, args.top_k)
     if args.model is not None:
@@ -462,8 +462,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         raise CLIError('the prompt is empty')
     context = (getattr(model, 'cfg', None) or {}).get('context_length')
-    if context is not None and len(ids) > context:
-        raise CLIError(f'the prompt is {len(ids)} tokens long; the model\'s context holds {context} tokens')
+    if context is not None:
+        check_prompt_fits(len(ids), context)  # the server's rule and words
     device = next(model.parameters()).device
     idx = torch.tensor([ids], device=device)  # (1, T)
     torch.manual_seed(args.seed)

@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from torch import nn
 
 # %% auto #0
-__all__ = ['KVCache', 'LayerCache', 'check_sampling', 'generate', 'generate_stream', 'relayout_weights']
+__all__ = ['KVCache', 'LayerCache', 'check_sampling', 'check_prompt_fits', 'generate', 'generate_stream', 'relayout_weights']
 
 # %% ../nbs/04b_kv_cache.ipynb #3e7c6954
 def _check_left_padding(
@@ -211,6 +211,14 @@ def check_sampling(
         raise ValueError(f'top_k must be None or an integer >= 1, not {top_k!r}')
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(f'top_k must be between 1 and the vocabulary size {vocab_size}, not {top_k!r}')
+
+def check_prompt_fits(
+    n_tokens: int,        # the prompt's length in tokens
+    context_length: int,  # the model's context
+) -> None:
+    "Raise a one-line `ValueError` when a prompt is longer than the model's context (the CLI and the server say the same)."
+    if n_tokens > context_length:
+        raise ValueError(f'the prompt is {n_tokens} tokens long; the model\'s context holds {context_length} tokens')
 
 # %% ../nbs/04b_kv_cache.ipynb #663744fd
 def _takes_cache(model: nn.Module) -> bool:

@@ -36,7 +36,7 @@ from starlette.routing import Route
 from torch import nn
 
 from .gemma3 import PRETRAINED_GEMMA3, GemmaTokenizer, load_gemma3_tokenizer
-from .kv_cache import check_sampling, generate_stream
+from .kv_cache import check_prompt_fits, check_sampling, generate_stream
 from .llama import PRETRAINED_LLAMA, ChatFormat, Llama3Tokenizer, load_llama3_tokenizer
 from .qwen3 import PRETRAINED_QWEN3, Qwen3Tokenizer, load_qwen3_tokenizer
 
@@ -227,9 +227,7 @@ class ModelWorker:
 
     def check_prompt(self, ids: list[int]) -> None:
         "Raise a `ValueError` unless the prompt fits the model's context."
-        if len(ids) > self.context_length:
-            raise ValueError(f'the prompt is {len(ids)} tokens long; '
-                             f'the model\'s context holds {self.context_length} tokens')
+        check_prompt_fits(len(ids), self.context_length)
 
 # %% ../nbs/91_serve.ipynb #b2edf7e5
 @patch
@@ -429,8 +427,7 @@ def fit_messages(
     starts = [i for i in range(1, last) if messages[i]['role'] == 'user'] + [last]
     newest = keep(last)
     if len(newest) == len(messages):
-        raise ValueError(f'the prompt is {len(ids)} tokens long; '
-                         f'the model\'s context holds {max_tokens} tokens')
+        check_prompt_fits(len(ids), max_tokens)
     ids = encode(newest)
     if len(ids) > max_tokens:
         raise ValueError(f'the newest message is too long: without the earlier turns the prompt is '
