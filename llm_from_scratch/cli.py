@@ -70,7 +70,7 @@ _PRETRAIN_DEFAULTS = {'config': 'gpt-verdict', 'data': 'the-verdict', 'steps': 1
 def add_pretrain_parser(sub) -> None:
     "The `pretrain` subcommand's options."
     from llm_from_scratch.trainer import MODEL_CONFIGS, PRECISIONS, SCHEDULES
-    p = sub.add_parser('pretrain', help='pretrain a GPT on a text corpus and save checkpoints',
+    p = sub.add_parser('pretrain', help=COMMANDS['pretrain'][1],
                        description='Pretrain a GPT (chapter 5) with the trainer of the training-at-scale page.')
     d = _PRETRAIN_DEFAULTS
     p.add_argument('--data', help=f'{", ".join(PRETRAIN_DATA)}, a text file or a token file (default {d["data"]})')
@@ -478,7 +478,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def add_generate_parser(sub) -> None:
     "The `generate` subcommand's options."
-    p = sub.add_parser('generate', help='continue a prompt with a trained or pretrained model, streaming the text',
+    p = sub.add_parser('generate', help=COMMANDS['generate'][1],
                        description='Continue a prompt, printing tokens as they are generated.')
     p.add_argument('source', nargs='+', metavar='[CHECKPOINT] PROMPT', help='a checkpoint or run folder, then the prompt')
     add_model_options(p)
@@ -504,7 +504,7 @@ def build_parser(
     p = _top_parser()
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
     if only in (None, 'doctor'):
-        d = sub.add_parser('doctor', help='check Python packages, the device and the data files')
+        d = sub.add_parser('doctor', help=COMMANDS['doctor'][1])
         d.set_defaults(func=cmd_doctor)
     if only in (None, 'pretrain'):
         add_pretrain_parser(sub)
@@ -520,7 +520,8 @@ def build_parser(
 
 
 # %% ../nbs/90_cli.ipynb #e45bfe3a
-# subcommand -> (the module that adds it, its one-line help), for a quick top-level --help
+# subcommand -> (the module that adds it, its one-line help): the quick top-level --help,
+# and the help of this module's own subcommands
 COMMANDS = {
     'doctor': ('cli', 'check Python packages, the device and the data files'),
     'pretrain': ('cli', 'pretrain a GPT on a text corpus and save checkpoints'),
