@@ -103,8 +103,9 @@ def estimate_training_memory(
     s32 = 4 if mixed_precision else s       # the float32 parts of a mixed-precision step
     mask = 1 if device == "cuda" else s     # CUDA's fused dropout keeps a bool mask
     flash = cfg.get("attn_impl", "book") == "sdpa" and (device == "cuda" or cfg["drop_rate"] == 0)
-    weights = count_gpt_parameters(cfg) * s32
-    copies = 2 * (count_gpt_parameters(cfg) - (V + C + 2 + 4 * L) * d) if mixed_precision else 0
+    n_params = count_gpt_parameters(cfg)
+    weights = n_params * s32
+    copies = 2 * (n_params - (V + C + 2 + 4 * L) * d) if mixed_precision else 0
     fixed = {"weights": weights, "buffers": 0 if flash else L * C * C * s32,
              "optimizer": OPTIMIZER_STATES[optimizer] * weights}
     # CUDA's autocast computes softmax in float32, the CPU's in bfloat16

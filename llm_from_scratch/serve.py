@@ -633,7 +633,7 @@ async def _ollama(served: ServedModel, request: Request, chat_route: bool):
         try:
             items = await _collect(request, events)
         except Exception as e:
-            return JSONResponse({'error': f'generation failed: {e}'}, status_code=500)
+            return _ollama_error(RequestError(500, f'generation failed: {e}'))
         if items is None:      # the client has gone
             return Response(status_code=499)
         final = _ollama_final(name, chat_route, items[-1], ''.join(items[:-1]))
