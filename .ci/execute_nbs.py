@@ -10,26 +10,18 @@ cell ids). A failing cell stops the run and nothing is written.
 """
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
+from book_report import directives  # the same reading of a cell's #| lines as the page checks
 from execnb.nbio import read_nb, write_nb
 from execnb.shell import CaptureShell
-
-_directive = re.compile(r'^\s*#\|\s*([\w-]+)')
 
 
 def flags(cell):
     "The nbdev directives at the top of a code cell, e.g. {'export', 'slow'}."
-    out = set()
-    for line in cell.source.splitlines():
-        m = _directive.match(line)
-        if not m:
-            break
-        out.add(m.group(1))
-    return out
+    return directives(cell.source)
 
 
 def execute(path: Path, skip: set[str], only_slow: set[str] | None = None) -> None:
