@@ -23,7 +23,7 @@ import time
 import torch
 
 from llm_from_scratch.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
-from llm_from_scratch.kv_cache import generate, relayout_weights
+from llm_from_scratch.generation import generate, relayout_weights
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 from tiny_models import unit_scale  # noqa: E402

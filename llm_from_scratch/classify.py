@@ -641,20 +641,20 @@ def add_cli_parser(sub) -> None:
 # %% ../nbs/06_classify.ipynb #dfa7f75c
 def cmd_finetune_classifier(args) -> int:
     "`llm-from-scratch finetune-classifier`: fine-tune, report the accuracies, save."
-    from llm_from_scratch.cli import CLIError  # imported here: the CLI imports this module
+    from llm_from_scratch.core import UserError
     from llm_from_scratch.lora import finetune_classifier  # appendix E's page, which builds on this one
     for name in ('epochs', 'batch_size', 'lora_rank'):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise CLIError(f'--{name.replace("_", "-")} must be at least 1, not {value}')
+            raise UserError(f'--{name.replace("_", "-")} must be at least 1, not {value}')
     if args.lr is not None and not args.lr > 0:
-        raise CLIError(f'--lr must be positive, not {args.lr}')
+        raise UserError(f'--lr must be positive, not {args.lr}')
     if args.data == 'sms':
         data = None
     elif Path(args.data).is_file():
         data = Path(args.data)
     else:
-        raise CLIError(f"--data {args.data!r} is neither 'sms' nor a file")
+        raise UserError(f"--data {args.data!r} is neither 'sms' nor a file")
     if args.base == 'shakespeare':
         recipe = FINETUNE_RECIPES['shakespeare' + '-lora' * bool(args.lora_rank)]
         if not (_shakespeare_run_dir()/'latest').is_file():
@@ -671,20 +671,20 @@ def cmd_finetune_classifier(args) -> int:
             epochs=args.epochs or recipe['epochs'], lr=args.lr or recipe['lr'], drop_rate=recipe['drop_rate'], batch_size=args.batch_size,
             last_token=args.last_token, out_dir=args.out, device=args.device, seed=args.seed, quiet=args.quiet)
     except CheckpointError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     print(path if args.quiet else f'try: llm-from-scratch classify {path.parent} "Call now to claim your prize"')
     return 0
 
 # %% ../nbs/06_classify.ipynb #f3b5ec2f
 def cmd_classify(args) -> int:
     "`llm-from-scratch classify CHECKPOINT TEXT`: print the label and its probability."
-    from llm_from_scratch.cli import CLIError
+    from llm_from_scratch.core import UserError
     if not args.text.strip():
-        raise CLIError('the text is empty: there is nothing to classify')
+        raise UserError('the text is empty: there is nothing to classify')
     try:
         model, tokenizer, meta = load_classifier(args.checkpoint, device=args.device)
     except CheckpointError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     label, probability = classify_text(model, args.text, tokenizer, meta)
     print(f'{label} {probability:.3f}')
     return 0

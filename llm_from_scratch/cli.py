@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from .core import UserError
+
 if TYPE_CHECKING:  # names for the annotations only: importing them here would load PyTorch
     import torch
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:  # names for the annotations only: importing them here would l
 
 
 # %% auto #0
-__all__ = ['PRETRAIN_DATA', 'CLI_MODULES', 'COMMANDS', 'cmd_doctor', 'CLIError', 'token_file_for', 'add_pretrain_parser',
+__all__ = ['CLIError', 'PRETRAIN_DATA', 'CLI_MODULES', 'COMMANDS', 'cmd_doctor', 'token_file_for', 'add_pretrain_parser',
            'cmd_pretrain', 'TextCodec', 'tiktoken_codec', 'TextStream', 'add_model_options', 'load_model_for_cli',
            'cmd_generate', 'add_generate_parser', 'build_parser', 'main']
 
@@ -34,8 +36,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # %% ../nbs/90_cli.ipynb #34b8d268
-class CLIError(Exception):
-    "An error caused by the user's input: printed as one line, exit status 2."
+CLIError = UserError  # the command line's name for the package's user errors (defined in core)
 
 # %% ../nbs/90_cli.ipynb #6f86e8be
 PRETRAIN_DATA = ('the-verdict', 'tinyshakespeare')  # registry names of plain-text corpora
@@ -415,7 +416,7 @@ def load_model_for_cli(
 ) -> tuple[torch.nn.Module, TextCodec]:  # the model in eval mode on the device, and its codec
     "The model a command runs: a named model from `MODEL_LOADERS` (downloaded, or `--weights`), or a checkpoint folder's."
     from llm_from_scratch.core import get_device
-    from llm_from_scratch.kv_cache import relayout_weights
+    from llm_from_scratch.generation import relayout_weights
     from llm_from_scratch.trainer import checkpoint_config, find_checkpoint, model_from_checkpoint, use_fused_kernels
     device = get_device(args.device or None)
     weights, dtype = getattr(args, 'weights', None), _dtypes().get(getattr(args, 'dtype', None) or '')
@@ -443,7 +444,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     "Stream a continuation of the prompt (or, with --chat, the answer to it) to stdout."
     import torch
 
-    from llm_from_scratch.kv_cache import check_prompt_fits, check_sampling, generate_stream
+    from llm_from_scratch.generation import check_prompt_fits, check_sampling, generate_stream
     # the one check of sampling settings that generate and the server share, before anything loads
     check_sampling(args.temperature, args.top_k)
     if args.model is not None:

@@ -21,15 +21,17 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # for the annotations only: importing PyTorch here would make `llm-from-scratch --help` slow
+    import torch
 
 # %% auto #0
 __all__ = ['REGISTRY', 'data_home', 'prefetched_dir', 'atomic_write', 'DataFile', 'register', 'sha256sum', 'ChecksumError',
-           'DownloadError', 'download', 'FileFormatError', 'read_text', 'read_json', 'gpt2_tokenizer', 'get_device',
-           'set_seed', 'Check', 'check_environment', 'print_environment_report']
+           'DownloadError', 'download', 'UserError', 'FileFormatError', 'read_text', 'read_json', 'gpt2_tokenizer',
+           'get_device', 'set_seed', 'Check', 'check_environment', 'print_environment_report']
 
 # %% ../nbs/00_core.ipynb #26d516bd
 def data_home() -> Path:
@@ -195,6 +197,10 @@ def download(
     raise DownloadError(f'Could not download {entry.filename} ({entry.name!r}):\n' + '\n'.join(errors)
                         + f'\nIf this machine is offline, fetch the file elsewhere and put it at {where}.')
 
+# %% ../nbs/00_core.ipynb #5bcf2e45
+class UserError(Exception):
+    "An error caused by the user's input, worded for them: the command line prints it as one line, exit status 2."
+
 # %% ../nbs/00_core.ipynb #eb7e5afa
 class FileFormatError(ValueError):
     "A data file that is not the UTF-8 text or the JSON it should be."
@@ -260,6 +266,8 @@ def gpt2_tokenizer():
 # %% ../nbs/00_core.ipynb #8c6671bf
 def get_device(device: str | torch.device | None = None) -> torch.device:
     "`device` if given, else `$LLM_FROM_SCRATCH_DEVICE`, else the first of cuda, mps, cpu that is available."
+    import torch
+
     device = device or os.environ.get('LLM_FROM_SCRATCH_DEVICE') or None
     if device is None:
         if torch.cuda.is_available():
@@ -280,6 +288,9 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
 # %% ../nbs/00_core.ipynb #6e8013cf
 def set_seed(seed: int) -> None:
     "Seed Python's `random`, NumPy and PyTorch (CPU and every GPU)."
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -389,6 +400,8 @@ def _device_check() -> Check:
     dev = get_device()
     detail = str(dev)
     if dev.type == 'cuda':
+        import torch
+
         p = torch.cuda.get_device_properties(dev)
         detail = f'cuda: {p.name}, {p.total_memory / 2**30:.1f} GiB'
     return Check('device', 'OK', detail)

@@ -390,14 +390,14 @@ def finetune_dpo(
 # %% ../nbs/07b_dpo.ipynb #a71e1ab1
 def cmd_finetune_dpo(args: argparse.Namespace) -> int:
     "Run `finetune_dpo` with the command line's settings."
-    from llm_from_scratch.cli import CLIError  # imported here: the CLI imports this module
+    from llm_from_scratch.core import UserError
     from llm_from_scratch.trainer import CheckpointError
     check_finetune_options(args, 'preference data', beta=args.beta)
     try:
         finetune_dpo(args.base, args.data, beta=args.beta, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                      out_dir=args.out, device=args.device, seed=args.seed, allowed_max_length=args.max_length, quiet=args.quiet)
     except (CheckpointError, ValueError) as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     return 0
 
 def add_cli_parser(sub) -> None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .classify import load_base_model
 from .core import DataFile, REGISTRY, atomic_write, data_home, download, gpt2_tokenizer, read_json
-from .kv_cache import generate
+from .generation import generate
 from .pretrain import text_to_token_ids, token_ids_to_text, train_model_simple
 from .trainer import save_checkpoint
 
@@ -536,21 +536,21 @@ def check_finetune_options(
     data_what: str,            # the data's name for the message, e.g. 'instruction data'
     **positive,                # more options that must be positive, by name (e.g. beta=args.beta)
 ) -> None:
-    "Refuse non-positive settings and a missing data file, each as a one-line `CLIError`."
-    from llm_from_scratch.cli import CLIError  # imported here: the CLI imports this module
+    "Refuse non-positive settings and a missing data file, each as a one-line `UserError`."
+    from llm_from_scratch.core import UserError
     checks = [('--epochs', args.epochs, args.epochs >= 1), ('--lr', args.lr, args.lr > 0),
               ('--batch-size', args.batch_size, args.batch_size >= 1)]
     checks += [(f'--{name}', value, value > 0) for name, value in positive.items()]
     for name, value, ok in checks:
         if not ok:
-            raise CLIError(f'{name} must be positive, not {value}')
+            raise UserError(f'{name} must be positive, not {value}')
     if args.data is not None and not Path(args.data).is_file():
-        raise CLIError(f'{args.data}: no such {data_what} file')
+        raise UserError(f'{args.data}: no such {data_what} file')
 
 # %% ../nbs/07_instruct.ipynb #e93d42ce
 def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     "Run `finetune_instruct` with the command line's settings."
-    from llm_from_scratch.cli import CLIError  # imported here: the CLI imports this module
+    from llm_from_scratch.core import UserError
     from llm_from_scratch.trainer import CheckpointError
     check_finetune_options(args, 'instruction data')
     try:
@@ -558,7 +558,7 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
                           device=args.device, seed=args.seed, allowed_max_length=args.max_length,
                           mask_instruction=args.mask_instruction, quiet=args.quiet)
     except (CheckpointError, ValueError) as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     return 0
 
 def add_cli_parser(sub) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .gpt import generate_text_simple
-from .kv_cache import generate
+from .generation import generate
 
 # %% auto #0
 __all__ = ['text_to_token_ids', 'token_ids_to_text', 'calc_loss_batch', 'calc_loss_loader', 'evaluate_model',
@@ -197,7 +197,7 @@ def plot_losses(
     return fig
 
 # %% ../nbs/05_pretrain.ipynb #45f8e552
-_all_ = ["generate"]  # re-exported from `llm_from_scratch.kv_cache`
+_all_ = ["generate"]  # re-exported from `llm_from_scratch.generation`
 
 # %% ../nbs/05_pretrain.ipynb #77e9dcc9
 def calc_lr(

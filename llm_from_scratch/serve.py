@@ -36,7 +36,7 @@ from starlette.routing import Route
 from torch import nn
 
 from .gemma3 import PRETRAINED_GEMMA3, GemmaTokenizer, load_gemma3_tokenizer
-from .kv_cache import check_prompt_fits, check_sampling, generate_stream
+from .generation import check_prompt_fits, check_sampling, generate_stream
 from .llama import PRETRAINED_LLAMA, ChatFormat, Llama3Tokenizer, load_llama3_tokenizer
 from .qwen3 import PRETRAINED_QWEN3, Qwen3Tokenizer, load_qwen3_tokenizer
 
@@ -376,7 +376,7 @@ def parse_sampling(
         s.top_k = None if k == 0 or (vocab_size is not None and k >= vocab_size) else k
     if values.get('seed') is not None:
         s.seed = _integer(values['seed'], 'seed')
-    try:  # the one check every entry point shares (kv_cache's check_sampling)
+    try:  # the one check every entry point shares (generation's check_sampling)
         check_sampling(s.temperature, s.top_k)
     except ValueError as e:
         raise RequestError(400, str(e)) from None
@@ -1099,16 +1099,16 @@ def serve(
 # %% ../nbs/91_serve.ipynb #9b5d17fc
 def cmd_serve(args: argparse.Namespace) -> int:
     "Run the `serve` subcommand."
-    from llm_from_scratch.cli import CLIError
+    from llm_from_scratch.core import UserError
     checkpoint, name = getattr(args, 'checkpoint', None), getattr(args, 'model', None)
     if (checkpoint is None) == (name is None):
-        raise CLIError('give a checkpoint folder or --model NAME (one of them)')
+        raise UserError('give a checkpoint folder or --model NAME (one of them)')
     if checkpoint is not None and not Path(checkpoint).expanduser().exists():
-        raise CLIError(f'no checkpoint or run folder at {checkpoint}')
+        raise UserError(f'no checkpoint or run folder at {checkpoint}')
     if not 0 <= args.port <= 65535:
-        raise CLIError(f'--port must be between 0 and 65535, not {args.port}')
+        raise UserError(f'--port must be between 0 and 65535, not {args.port}')
     if getattr(args, 'max_body_bytes', 1) < 1:
-        raise CLIError(f'--max-body-bytes must be at least 1, not {args.max_body_bytes}')
+        raise UserError(f'--max-body-bytes must be at least 1, not {args.max_body_bytes}')
     serve(checkpoint if checkpoint is not None else name, model_name=args.name, host=args.host, port=args.port,
           weights=getattr(args, 'weights', None), device=getattr(args, 'device', None), dtype=getattr(args, 'dtype', None),
           max_tokens=args.max_tokens, max_body_bytes=getattr(args, 'max_body_bytes', 2**20),

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .core import REGISTRY, atomic_write, download, get_device, gpt2_tokenizer, sha256sum
 from .gpt import GELU, GPT_CONFIG_124M, GPT_CONFIGS, GPTModel, LayerNorm
-from .kv_cache import generate
+from .generation import generate
 from .pretrain import calc_loss_batch, calc_lr
 
 # %% auto #0

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from llm_from_scratch.gemma3 import (GEMMA3_CONFIG_270M, GEMMA3_CONFIG_4B, GEMMA3_HF_DEFAULTS, Gemma3Block, Gemma3Model,
                                      GemmaTokenizer, apply_chat_template, check_gemma3_config, gemma3_chat_text, gemma3_config_from_hf,
                                      gemma3_layer_types, load_gemma3_tokenizer, load_pretrained_gemma3, load_weights_into_gemma)
-from llm_from_scratch.kv_cache import generate
+from llm_from_scratch.generation import generate
 from llm_from_scratch.layers import RMSNorm
 from llm_from_scratch.weights import init_empty_weights
 

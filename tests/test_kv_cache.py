@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from llm_from_scratch.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
-from llm_from_scratch.kv_cache import KVCache, generate, generate_stream, relayout_weights
+from llm_from_scratch.generation import KVCache, generate, generate_stream, relayout_weights
 
 VOCAB = 53
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_from_scratch.kv_cache import KVCache
+from llm_from_scratch.generation import KVCache
 from llm_from_scratch.layers import (
     DTYPE_BYTES, GatedFeedForward, GroupedQueryAttention, MoEFeedForward, RMSNorm, SiLU, apply_rope, calc_kv_bytes_total,
     causal_mask, compute_rope_params, distribute_layers, estimate_params_and_hidden, estimate_totals, kv_cache_bytes,

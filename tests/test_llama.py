@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from llm_from_scratch.kv_cache import generate
+from llm_from_scratch.generation import generate
 from llm_from_scratch.llama import (
     LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, LLAMA32_CONFIG_1B, LLAMA_CONFIGS, ChatFormat, Llama2Model, Llama3Model,
     Llama3Tokenizer, llama_config_from_hf, load_llama3_tokenizer, load_pretrained_llama, load_weights_into_llama,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from llm_from_scratch import kv_cache
+from llm_from_scratch import generation as kv_cache
 from llm_from_scratch.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
 from llm_from_scratch.pretrain import (
     calc_loss_batch,

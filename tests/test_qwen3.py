@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from llm_from_scratch.kv_cache import generate
+from llm_from_scratch.generation import generate
 from llm_from_scratch.qwen3 import (QWEN_CONFIG_06_B, QWEN3_CONFIG_30B_A3B, Qwen3Model, Qwen3Tokenizer, check_qwen3_config,
                                     load_pretrained_qwen3, load_qwen3_tokenizer, load_weights_into_qwen, qwen3_chat_text,
                                     qwen3_config_from_hf)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from llm_from_scratch import kv_cache, pretrain
+from llm_from_scratch import generation as kv_cache, pretrain
 from llm_from_scratch.gpt import GPT_CONFIG_124M, GPTModel
-from llm_from_scratch.kv_cache import _next_token, generate, generate_stream
+from llm_from_scratch.generation import _next_token, generate, generate_stream
 
 VOCAB = 53
 TINY_T = [1e-45, 5e-324, 1e-300, 1e-38]            # positive, but logits / T overflows or T rounds to 0

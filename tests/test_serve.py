@@ -21,7 +21,7 @@ from torch import nn
 from tiny_models import SlowModel, unit_scale
 
 from llm_from_scratch.gpt import GPTModel, generate_text_simple
-from llm_from_scratch.kv_cache import generate
+from llm_from_scratch.generation import generate
 from llm_from_scratch.serve import (BackgroundServer, ChatTokenizer, TextDecoder, add_cli_parser, cmd_serve, create_app,
                                     messages_to_prompt)
 from llm_from_scratch.trainer import MODEL_CONFIGS, save_checkpoint

@@ -154,9 +154,9 @@ def test_greedy_generation_matches_hugging_face(hf_model):
     theirs = hf.generate(idx, max_new_tokens=20, do_sample=False)
     from llm_from_scratch.gpt import generate_text_simple
     assert torch.equal(generate_text_simple(model, idx, 20, cfg["context_length"]), theirs)
-    if importlib.util.find_spec("llm_from_scratch.kv_cache") is None:
-        pytest.skip("llm_from_scratch.kv_cache (chapter 4's bonus page) is not there yet")
-    from llm_from_scratch.kv_cache import generate
+    if importlib.util.find_spec("llm_from_scratch.generation") is None:
+        pytest.skip("llm_from_scratch.generation (chapter 4's bonus page) is not there yet")
+    from llm_from_scratch.generation import generate
     assert torch.equal(generate(model, idx, 20, cfg["context_length"]), theirs)
 
 
