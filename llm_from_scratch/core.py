@@ -29,9 +29,10 @@ if TYPE_CHECKING:  # for the annotations only: importing PyTorch here would make
     import torch
 
 # %% auto #0
-__all__ = ['REGISTRY', 'data_home', 'prefetched_dir', 'atomic_write', 'DataFile', 'register', 'sha256sum', 'ChecksumError',
-           'DownloadError', 'download', 'UserError', 'FileFormatError', 'read_text', 'read_json', 'gpt2_tokenizer',
-           'get_device', 'set_seed', 'Check', 'check_environment', 'print_environment_report']
+__all__ = ['REGISTRY', 'DEVICE_HELP', 'data_home', 'prefetched_dir', 'atomic_write', 'DataFile', 'register', 'sha256sum',
+           'ChecksumError', 'DownloadError', 'download', 'UserError', 'FileFormatError', 'read_text', 'read_json',
+           'gpt2_tokenizer', 'get_device', 'add_device_option', 'set_seed', 'Check', 'check_environment',
+           'print_environment_report']
 
 # %% ../nbs/00_core.ipynb #26d516bd
 def data_home() -> Path:
@@ -284,6 +285,18 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
         raise ValueError(f'Device {device!r} was asked for, but MPS is not available here')
     return dev
+
+# %% ../nbs/00_core.ipynb #e8b2c5a7
+DEVICE_HELP = 'cpu, cuda, cuda:N or mps (default: the best available, as get_device picks it)'
+
+def add_device_option(
+    parser,              # an argparse parser or argument group
+    default: str | None = None,  # None: get_device's choice at run time
+) -> None:
+    "Add the `--device` option every command shares."
+    help = DEVICE_HELP if default is None else f'{DEVICE_HELP.split(" (")[0]} (default: {default})'
+    parser.add_argument('--device', default=default, help=help)
+
 
 # %% ../nbs/00_core.ipynb #6e8013cf
 def set_seed(seed: int) -> None:
